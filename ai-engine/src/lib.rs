@@ -1,0 +1,3 @@
+//! ai-engine: the per-user daemon that turns completion and chat requests into streamed model output.
+
+pub mod provider;

@@ -1,0 +1,108 @@
+//! The provider interface every model backend implements: a cancellable stream of generated text.
+
+use futures::stream::BoxStream;
+
+/// What to generate. Prompt building (templates, budgets) happens before a provider sees this.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prompt {
+    /// A finished raw prompt (e.g. a FIM template already applied, or plain prefix completion).
+    Raw(String),
+    /// Provider-native fill-in-the-middle (`suffix` field, `/v1/fim/completions`, ...).
+    FillInTheMiddle { prefix: String, suffix: String },
+    /// Chat turns with an optional system prompt.
+    Chat {
+        system: Option<String>,
+        messages: Vec<ChatTurn>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatTurn {
+    pub role: ChatRole,
+    pub content: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChatRole {
+    User,
+    Assistant,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationRequest {
+    pub prompt: Prompt,
+    pub max_tokens: u32,
+    pub temperature: f32,
+    /// Provider-side stop sequences.
+    pub stop: Vec<String>,
+}
+
+/// Why the provider stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// End of text or a stop sequence.
+    Stop,
+    /// `max_tokens` reached.
+    Length,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TokenUsage {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+}
+
+/// One item of a provider stream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GenerationEvent {
+    /// More generated text (may be any length, including a partial word).
+    Text(String),
+    /// The provider finished; always the last item of a successful stream.
+    Finished {
+        reason: StopReason,
+        usage: TokenUsage,
+    },
+}
+
+/// Provider failures, classified so the user can act on them. Messages never contain secrets.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ProviderError {
+    #[error("authentication failed ({0}): check the API key")]
+    Auth(String),
+    #[error("access forbidden ({0})")]
+    Forbidden(String),
+    #[error("not found ({0}): check the base URL and model name")]
+    NotFound(String),
+    #[error("rate limited{}: {message}", retry_after_secs.map(|s| format!(" (retry after {s}s)")).unwrap_or_default())]
+    RateLimited {
+        retry_after_secs: Option<u64>,
+        message: String,
+    },
+    #[error("provider server error ({0})")]
+    Server(String),
+    #[error("cannot reach the provider ({0})")]
+    Unreachable(String),
+    #[error("bad or stalled stream from the provider ({0})")]
+    Protocol(String),
+    #[error("no model available: {0}")]
+    ModelMissing(String),
+    #[error("model failed to load: {0}")]
+    ModelLoad(String),
+    #[error("invalid request: {0}")]
+    BadRequest(String),
+}
+
+/// A model backend. Dropping the returned stream cancels generation (HTTP connection closed, decoding stopped).
+pub trait Provider: Send + Sync + 'static {
+    /// Provider kind for status output, e.g. `openai`, `embedded`.
+    fn kind(&self) -> &str;
+    /// Model name for status output and cache keys.
+    fn model(&self) -> &str;
+    /// True when the backend accepts [`Prompt::FillInTheMiddle`] natively.
+    fn supports_native_fim(&self) -> bool;
+    /// Starts generating. Errors before the first token are delivered as the stream's first item.
+    fn generate(
+        &self,
+        request: GenerationRequest,
+    ) -> BoxStream<'static, Result<GenerationEvent, ProviderError>>;
+}

@@ -1,0 +1,228 @@
+//! The 24-byte little-endian frame header: magic `LAPC`, version, flags, type, length, message id, CRC32.
+
+/// Length of every frame header in bytes.
+pub const FRAME_HEADER_LEN: usize = 24;
+/// The magic, as the explicit bytes `L A P C` (not an integer, so byte order cannot flip it).
+pub const MAGIC: [u8; 4] = *b"LAPC";
+/// Default largest message (after reassembly) a receiver accepts.
+pub const DEFAULT_MAX_MESSAGE_BYTES: u32 = 16 * 1024 * 1024;
+
+/// Header flag: this frame is one fragment of a larger message and more fragments follow.
+pub const FLAG_MORE_FRAGMENTS: u8 = 0b0000_0001;
+/// Header flag: this frame continues a message started by an earlier fragment.
+pub const FLAG_CONTINUATION: u8 = 0b0000_0010;
+const KNOWN_FLAGS: u8 = FLAG_MORE_FRAGMENTS | FLAG_CONTINUATION;
+
+/// A decoded, integrity-checked frame header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrameHeader {
+    pub version: u8,
+    pub flags: u8,
+    pub message_type: u16,
+    pub payload_len: u32,
+    pub message_id: u64,
+}
+
+/// Why a frame was rejected. `BadMagic`, `BadCrc` and `Truncated` close the connection; the others are
+/// answered with an error frame for the message id.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FrameError {
+    #[error("frame shorter than its header or declared length ({got} bytes, need {need})")]
+    Truncated { got: usize, need: usize },
+    #[error("bad frame magic {0:02x?} (expected \"LAPC\")")]
+    BadMagic([u8; 4]),
+    #[error("frame CRC mismatch (header says {expected:08x}, computed {computed:08x})")]
+    BadCrc { expected: u32, computed: u32 },
+    #[error("unsupported protocol version {version} in message {message_id}")]
+    UnsupportedVersion { version: u8, message_id: u64 },
+    #[error("unknown flags {flags:#04x} in message {message_id}")]
+    UnknownFlags { flags: u8, message_id: u64 },
+    #[error("message of {len} bytes exceeds the limit of {max}")]
+    TooLarge { len: u64, max: u32 },
+}
+
+impl FrameError {
+    /// True when the byte stream can no longer be trusted and the connection must close.
+    pub fn is_fatal(&self) -> bool {
+        matches!(
+            self,
+            Self::Truncated { .. } | Self::BadMagic(_) | Self::BadCrc { .. }
+        )
+    }
+}
+
+impl FrameHeader {
+    pub fn new(message_type: u16, flags: u8, payload_len: u32, message_id: u64) -> Self {
+        Self {
+            version: super::messages::PROTOCOL_VERSION,
+            flags,
+            message_type,
+            payload_len,
+            message_id,
+        }
+    }
+
+    fn header_bytes_without_crc(&self) -> [u8; 20] {
+        let mut bytes = [0u8; 20];
+        bytes[0..4].copy_from_slice(&MAGIC);
+        bytes[4] = self.version;
+        bytes[5] = self.flags;
+        bytes[6..8].copy_from_slice(&self.message_type.to_le_bytes());
+        bytes[8..12].copy_from_slice(&self.payload_len.to_le_bytes());
+        bytes[12..20].copy_from_slice(&self.message_id.to_le_bytes());
+        bytes
+    }
+
+    /// Writes header + CRC for `payload` into `out[..24]`. `payload.len()` must equal `payload_len`.
+    pub fn encode_into(&self, payload: &[u8], out: &mut [u8; FRAME_HEADER_LEN]) {
+        debug_assert_eq!(payload.len(), self.payload_len as usize);
+        let head = self.header_bytes_without_crc();
+        let crc = frame_crc(&head, payload);
+        out[..20].copy_from_slice(&head);
+        out[20..24].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    /// Reads a header from the first 24 bytes without checking the CRC (it needs the payload).
+    pub fn parse_unchecked(bytes: &[u8]) -> Result<(Self, u32), FrameError> {
+        let Some(raw) = bytes.get(..FRAME_HEADER_LEN) else {
+            return Err(FrameError::Truncated {
+                got: bytes.len(),
+                need: FRAME_HEADER_LEN,
+            });
+        };
+        let mut magic = [0u8; 4];
+        magic.copy_from_slice(&raw[0..4]);
+        if magic != MAGIC {
+            return Err(FrameError::BadMagic(magic));
+        }
+        let header = Self {
+            version: raw[4],
+            flags: raw[5],
+            message_type: u16::from_le_bytes([raw[6], raw[7]]),
+            payload_len: u32::from_le_bytes([raw[8], raw[9], raw[10], raw[11]]),
+            message_id: u64::from_le_bytes([
+                raw[12], raw[13], raw[14], raw[15], raw[16], raw[17], raw[18], raw[19],
+            ]),
+        };
+        let crc = u32::from_le_bytes([raw[20], raw[21], raw[22], raw[23]]);
+        Ok((header, crc))
+    }
+
+    /// Decodes and verifies one complete frame (`bytes` = header + payload, exactly).
+    /// Returns the header and the payload slice. Version and flags are checked after the CRC, so a
+    /// non-fatal error still carries a trustworthy message id.
+    pub fn decode(bytes: &[u8], max_payload: u32) -> Result<(Self, &[u8]), FrameError> {
+        let (header, expected) = Self::parse_unchecked(bytes)?;
+        if header.payload_len > max_payload {
+            return Err(FrameError::TooLarge {
+                len: header.payload_len as u64,
+                max: max_payload,
+            });
+        }
+        let need = FRAME_HEADER_LEN + header.payload_len as usize;
+        if bytes.len() != need {
+            return Err(FrameError::Truncated {
+                got: bytes.len(),
+                need,
+            });
+        }
+        let payload = &bytes[FRAME_HEADER_LEN..];
+        let computed = frame_crc(&header.header_bytes_without_crc(), payload);
+        if computed != expected {
+            return Err(FrameError::BadCrc { expected, computed });
+        }
+        if header.version != super::messages::PROTOCOL_VERSION {
+            return Err(FrameError::UnsupportedVersion {
+                version: header.version,
+                message_id: header.message_id,
+            });
+        }
+        if header.flags & !KNOWN_FLAGS != 0 {
+            return Err(FrameError::UnknownFlags {
+                flags: header.flags,
+                message_id: header.message_id,
+            });
+        }
+        Ok((header, payload))
+    }
+}
+
+/// CRC32 (IEEE) over the first 20 header bytes, four zero bytes standing in for the CRC field, and the payload.
+fn frame_crc(head: &[u8; 20], payload: &[u8]) -> u32 {
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(head);
+    hasher.update(&[0u8; 4]);
+    hasher.update(payload);
+    hasher.finalize()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(header: FrameHeader, payload: &[u8]) -> Vec<u8> {
+        let mut head = [0u8; FRAME_HEADER_LEN];
+        header.encode_into(payload, &mut head);
+        let mut out = head.to_vec();
+        out.extend_from_slice(payload);
+        out
+    }
+
+    #[test]
+    fn encode_then_decode_roundtrips_and_magic_is_literal_bytes() {
+        let header = FrameHeader::new(16, FLAG_MORE_FRAGMENTS, 5, 0x0102_0304_0506_0708);
+        let bytes = frame(header, b"hello");
+        assert_eq!(&bytes[0..4], b"LAPC");
+        assert_eq!(bytes[4], 1);
+        assert_eq!(&bytes[6..8], &16u16.to_le_bytes());
+        let (decoded, payload) = FrameHeader::decode(&bytes, 1024).unwrap();
+        assert_eq!(decoded, header);
+        assert_eq!(payload, b"hello");
+    }
+
+    #[test]
+    fn every_single_bit_flip_is_detected() {
+        let bytes = frame(FrameHeader::new(32, 0, 8, 42), b"abcdefgh");
+        for bit in 0..bytes.len() * 8 {
+            let mut corrupt = bytes.clone();
+            corrupt[bit / 8] ^= 1 << (bit % 8);
+            assert!(
+                FrameHeader::decode(&corrupt, 1 << 20).is_err(),
+                "bit {bit} flip went unnoticed"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_version_is_non_fatal_and_keeps_message_id() {
+        let mut header = FrameHeader::new(5, 0, 0, 77);
+        header.version = 9;
+        let bytes = frame(header, b"");
+        let err = FrameHeader::decode(&bytes, 1024).unwrap_err();
+        assert_eq!(
+            err,
+            FrameError::UnsupportedVersion {
+                version: 9,
+                message_id: 77
+            }
+        );
+        assert!(!err.is_fatal());
+    }
+
+    #[test]
+    fn oversized_and_truncated_frames_are_rejected() {
+        let bytes = frame(FrameHeader::new(5, 0, 100, 1), &[7u8; 100]);
+        assert!(matches!(
+            FrameHeader::decode(&bytes, 99),
+            Err(FrameError::TooLarge { .. })
+        ));
+        assert!(matches!(
+            FrameHeader::decode(&bytes[..50], 1000),
+            Err(FrameError::Truncated { .. })
+        ));
+        assert!(matches!(
+            FrameHeader::decode(b"XXXX", 1000),
+            Err(FrameError::Truncated { .. })
+        ));
+    }
+}
