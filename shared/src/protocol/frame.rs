@@ -109,27 +109,43 @@ impl FrameHeader {
     }
 
     /// Decodes and verifies one complete frame (`bytes` = header + payload, exactly).
-    /// Returns the header and the payload slice. Version and flags are checked after the CRC, so a
-    /// non-fatal error still carries a trustworthy message id.
+    /// Returns the header and the payload slice.
     pub fn decode(bytes: &[u8], max_payload: u32) -> Result<(Self, &[u8]), FrameError> {
-        let (header, expected) = Self::parse_unchecked(bytes)?;
+        let Some((head, payload)) = bytes.split_first_chunk::<FRAME_HEADER_LEN>() else {
+            return Err(FrameError::Truncated {
+                got: bytes.len(),
+                need: FRAME_HEADER_LEN,
+            });
+        };
+        let header = Self::verify_parts(head, payload, max_payload)?;
+        Ok((header, payload))
+    }
+
+    /// Verifies a header and its payload held separately (the receive path copies them apart so the payload
+    /// lands aligned). Version and flags are checked after the CRC, so a non-fatal error carries a trustworthy
+    /// message id.
+    pub fn verify_parts(
+        head: &[u8; FRAME_HEADER_LEN],
+        payload: &[u8],
+        max_payload: u32,
+    ) -> Result<Self, FrameError> {
+        let (header, expected) = Self::parse_unchecked(head)?;
+        let need = FRAME_HEADER_LEN + header.payload_len as usize;
+        if payload.len() != header.payload_len as usize {
+            return Err(FrameError::Truncated {
+                got: FRAME_HEADER_LEN + payload.len(),
+                need,
+            });
+        }
+        let computed = frame_crc(&header.header_bytes_without_crc(), payload);
+        if computed != expected {
+            return Err(FrameError::BadCrc { expected, computed });
+        }
         if header.payload_len > max_payload {
             return Err(FrameError::TooLarge {
                 len: header.payload_len as u64,
                 max: max_payload,
             });
-        }
-        let need = FRAME_HEADER_LEN + header.payload_len as usize;
-        if bytes.len() != need {
-            return Err(FrameError::Truncated {
-                got: bytes.len(),
-                need,
-            });
-        }
-        let payload = &bytes[FRAME_HEADER_LEN..];
-        let computed = frame_crc(&header.header_bytes_without_crc(), payload);
-        if computed != expected {
-            return Err(FrameError::BadCrc { expected, computed });
         }
         if header.version != super::messages::PROTOCOL_VERSION {
             return Err(FrameError::UnsupportedVersion {
@@ -143,7 +159,7 @@ impl FrameHeader {
                 message_id: header.message_id,
             });
         }
-        Ok((header, payload))
+        Ok(header)
     }
 }
 

@@ -1,0 +1,146 @@
+//! Wake-ups between processes: a futex doorbell in shared memory plus a bounded, adaptive spin before sleeping.
+//!
+//! The sleeper announces itself (`sleepers`), re-checks its condition, then futex-waits on `sequence`; a
+//! notifier only bumps the sequence and makes a syscall when someone sleeps, so a busy stream costs no syscalls.
+
+use std::sync::atomic::{fence, AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::ring::CacheLine;
+use crate::sys;
+
+/// The shared part of a doorbell. Lives in shared memory, zero-initialised.
+#[repr(C)]
+pub struct Doorbell {
+    pub sequence: CacheLine<AtomicU32>,
+    pub sleepers: CacheLine<AtomicU32>,
+}
+
+impl Doorbell {
+    /// Wakes the owner of this doorbell if it sleeps. Call after publishing (data or space).
+    #[inline]
+    pub fn ring(&self) {
+        fence(Ordering::SeqCst);
+        if self.sleepers.0.load(Ordering::Relaxed) != 0 {
+            self.sequence.0.fetch_add(1, Ordering::Release);
+            sys::futex_wake_all(&self.sequence.0);
+        }
+    }
+
+    /// Rings unconditionally (used for out-of-band events such as shutdown).
+    pub fn ring_always(&self) {
+        self.sequence.0.fetch_add(1, Ordering::Release);
+        sys::futex_wake_all(&self.sequence.0);
+    }
+}
+
+/// What ended a wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitOutcome {
+    /// The condition became true.
+    Ready,
+    /// The sleep timed out (or woke spuriously) without the condition; the caller re-checks liveness/deadline.
+    Slept,
+}
+
+/// Per-waiter adaptive spin budget: grows when spinning pays off, shrinks when the waiter ends up sleeping.
+#[derive(Debug, Clone)]
+pub struct SpinPolicy {
+    budget: Duration,
+    max: Duration,
+}
+
+impl SpinPolicy {
+    const MIN: Duration = Duration::from_micros(1);
+
+    /// `max` is the longest spin; on a single CPU spinning is disabled (it would only steal the peer's time).
+    pub fn new(max: Duration) -> Self {
+        let max = if sys::available_cpus() < 2 {
+            Duration::ZERO
+        } else {
+            max
+        };
+        Self { budget: max, max }
+    }
+
+    pub fn default_budget() -> Self {
+        Self::new(Duration::from_micros(50))
+    }
+
+    fn spin_succeeded(&mut self) {
+        self.budget = (self.budget * 2).clamp(Self::MIN.min(self.max), self.max);
+    }
+
+    fn spin_failed(&mut self) {
+        self.budget = (self.budget / 2).max(Self::MIN.min(self.max));
+    }
+
+    /// Spins until `ready()` or the budget runs out. Returns true if ready.
+    pub fn spin(&mut self, mut ready: impl FnMut() -> bool) -> bool {
+        if self.budget.is_zero() {
+            return ready();
+        }
+        let start = Instant::now();
+        loop {
+            for _ in 0..64 {
+                if ready() {
+                    self.spin_succeeded();
+                    return true;
+                }
+                std::hint::spin_loop();
+            }
+            if start.elapsed() >= self.budget {
+                self.spin_failed();
+                return false;
+            }
+        }
+    }
+}
+
+/// Spins, then sleeps on `bell` until `ready()` or `timeout`. Never misses a wake-up: the condition is re-checked
+/// after announcing the sleep.
+pub fn wait_on(
+    bell: &Doorbell,
+    spin: &mut SpinPolicy,
+    timeout: Duration,
+    mut ready: impl FnMut() -> bool,
+) -> WaitOutcome {
+    if spin.spin(&mut ready) {
+        return WaitOutcome::Ready;
+    }
+    let seen = bell.sequence.0.load(Ordering::Acquire);
+    bell.sleepers.0.fetch_add(1, Ordering::SeqCst);
+    fence(Ordering::SeqCst);
+    if ready() {
+        bell.sleepers.0.fetch_sub(1, Ordering::SeqCst);
+        return WaitOutcome::Ready;
+    }
+    sys::futex_wait(&bell.sequence.0, seen, Some(timeout));
+    bell.sleepers.0.fetch_sub(1, Ordering::SeqCst);
+    if ready() {
+        WaitOutcome::Ready
+    } else {
+        WaitOutcome::Slept
+    }
+}
+
+/// Sleeps on `bell` with no timeout until `ready()` (used by the server reactor, so an idle server uses no CPU).
+pub fn wait_forever(bell: &Doorbell, spin: &mut SpinPolicy, mut ready: impl FnMut() -> bool) {
+    if spin.spin(&mut ready) {
+        return;
+    }
+    loop {
+        let seen = bell.sequence.0.load(Ordering::Acquire);
+        bell.sleepers.0.fetch_add(1, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        if ready() {
+            bell.sleepers.0.fetch_sub(1, Ordering::SeqCst);
+            return;
+        }
+        sys::futex_wait(&bell.sequence.0, seen, None);
+        bell.sleepers.0.fetch_sub(1, Ordering::SeqCst);
+        if ready() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,180 @@
+//! Where peers meet: the per-user rendezvous directory of an endpoint, its lock files and shared-memory names.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::error::TransportError;
+use crate::sys;
+
+/// Environment variable selecting the endpoint name.
+pub const ENDPOINT_ENV: &str = "LAPCE_AI_ENDPOINT";
+/// Environment variable overriding the rendezvous root (tests, sandboxes).
+pub const RUNTIME_DIR_ENV: &str = "LAPCE_AI_RUNTIME_DIR";
+pub const DEFAULT_ENDPOINT: &str = "default";
+const MAX_ENDPOINT_LEN: usize = 64;
+
+/// A named meeting point for one engine and its clients.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    name: String,
+    dir: PathBuf,
+}
+
+impl Endpoint {
+    /// The endpoint named by `LAPCE_AI_ENDPOINT`, else `default`.
+    pub fn from_env() -> Result<Self, TransportError> {
+        let name = std::env::var(ENDPOINT_ENV).unwrap_or_else(|_| DEFAULT_ENDPOINT.to_owned());
+        Self::named(&name)
+    }
+
+    /// `$LAPCE_AI_RUNTIME_DIR/<name>`, else `$XDG_RUNTIME_DIR/lapce-ai/<name>`, else `/tmp/lapce-ai-<uid>/<name>`.
+    pub fn named(name: &str) -> Result<Self, TransportError> {
+        let root = if let Some(dir) = std::env::var_os(RUNTIME_DIR_ENV).filter(|d| !d.is_empty()) {
+            PathBuf::from(dir)
+        } else if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+            PathBuf::from(dir).join("lapce-ai")
+        } else {
+            PathBuf::from(format!("/tmp/lapce-ai-{}", sys::current_uid()))
+        };
+        Self::in_root(name, &root)
+    }
+
+    /// An endpoint under an explicit root directory.
+    pub fn in_root(name: &str, root: &Path) -> Result<Self, TransportError> {
+        validate_name(name)?;
+        Ok(Self {
+            name: name.to_owned(),
+            dir: root.join(name),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn engine_lock_path(&self) -> PathBuf {
+        self.dir.join("engine.lock")
+    }
+
+    pub fn slots_dir(&self) -> PathBuf {
+        self.dir.join("slots")
+    }
+
+    pub fn slot_lock_path(&self, slot: u32) -> PathBuf {
+        self.slots_dir().join(format!("{slot}.lock"))
+    }
+
+    /// Prefix of every shared-memory name of this endpoint (for the start-up sweep).
+    pub fn shm_prefix(&self) -> String {
+        format!("lapce-ai-{}-{}-", sys::current_uid(), self.name)
+    }
+
+    /// Shared-memory name of one slot incarnation.
+    pub fn shm_name(&self, slot: u32, generation: u64) -> String {
+        format!("{}{slot}-{generation:016x}", self.shm_prefix())
+    }
+
+    /// Parses `(slot, generation)` back out of a name from [`Endpoint::shm_name`].
+    pub fn parse_shm_name(&self, name: &str) -> Option<(u32, u64)> {
+        let rest = name.strip_prefix(&self.shm_prefix())?;
+        let (slot, generation) = rest.split_once('-')?;
+        Some((slot.parse().ok()?, u64::from_str_radix(generation, 16).ok()?))
+    }
+
+    /// Creates the rendezvous directories (0700) or verifies existing ones belong to us and are private.
+    pub fn ensure_dirs(&self) -> Result<(), TransportError> {
+        if let Some(root) = self.dir.parent() {
+            ensure_private_dir(root)?;
+        }
+        ensure_private_dir(&self.dir)?;
+        ensure_private_dir(&self.slots_dir())
+    }
+}
+
+fn validate_name(name: &str) -> Result<(), TransportError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_ENDPOINT_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-')
+        && !name.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(TransportError::InvalidEndpoint(format!(
+            "{name:?}: use 1-{MAX_ENDPOINT_LEN} characters from A-Z a-z 0-9 _ . - (not starting with .)"
+        )))
+    }
+}
+
+/// Creates `dir` with mode 0700 if missing; otherwise refuses it unless it is a real directory owned by the
+/// current user with no group/other permissions.
+pub fn ensure_private_dir(dir: &Path) -> Result<(), TransportError> {
+    match fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {
+            // The umask may have removed bits we want; make the mode exact.
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+                .map_err(|e| TransportError::io(format!("setting permissions of {}", dir.display()), e))?;
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(TransportError::io(format!("creating {}", dir.display()), e)),
+    }
+    let meta = fs::symlink_metadata(dir)
+        .map_err(|e| TransportError::io(format!("inspecting {}", dir.display()), e))?;
+    let uid = sys::current_uid();
+    if !meta.file_type().is_dir() {
+        return Err(TransportError::UnsafeRendezvous(format!(
+            "{} is not a directory (symlinks are refused)",
+            dir.display()
+        )));
+    }
+    if meta.uid() != uid {
+        return Err(TransportError::UnsafeRendezvous(format!(
+            "{} is owned by uid {}, not by you (uid {uid}); remove it or choose another endpoint",
+            dir.display(),
+            meta.uid()
+        )));
+    }
+    if meta.mode() & 0o077 != 0 {
+        return Err(TransportError::UnsafeRendezvous(format!(
+            "{} has mode {:o}; it must not be accessible by group or others (chmod 700 it)",
+            dir.display(),
+            meta.mode() & 0o777
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_validated_and_shm_names_roundtrip() {
+        assert!(Endpoint::in_root("../etc", Path::new("/tmp")).is_err());
+        assert!(Endpoint::in_root("", Path::new("/tmp")).is_err());
+        assert!(Endpoint::in_root("a/b", Path::new("/tmp")).is_err());
+        let ep = Endpoint::in_root("test_1.x", Path::new("/tmp/r")).unwrap();
+        let name = ep.shm_name(17, 0xdead_beef);
+        assert_eq!(ep.parse_shm_name(&name), Some((17, 0xdead_beef)));
+        assert_eq!(ep.parse_shm_name("other"), None);
+    }
+
+    #[test]
+    fn group_accessible_dir_is_refused_with_clear_error() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("open");
+        fs::create_dir(&dir).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        let err = ensure_private_dir(&dir).unwrap_err().to_string();
+        assert!(err.contains("755") && err.contains("chmod 700"), "{err}");
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
+        ensure_private_dir(&dir).unwrap();
+    }
+}

@@ -1,0 +1,344 @@
+//! Frames over rings: one frame per ring record, large messages split into fragments and reassembled.
+
+use std::collections::HashMap;
+
+use rkyv::util::AlignedVec;
+
+use crate::error::TransportError;
+use crate::protocol::frame::{FLAG_CONTINUATION, FLAG_MORE_FRAGMENTS};
+use crate::protocol::{self, FrameError, FrameHeader, Message, MessageType, FRAME_HEADER_LEN};
+use crate::ring::{self, RecordSink, RingConsumer, RingProducer};
+
+/// Writes frames into a ring.
+pub struct FrameSender {
+    producer: RingProducer,
+    /// Largest payload of one fragment (a quarter of the ring, so several frames are in flight).
+    max_fragment: usize,
+}
+
+impl FrameSender {
+    pub fn new(producer: RingProducer) -> Self {
+        let capacity = producer.capacity();
+        let max_fragment = (capacity / 4).min(ring::max_record_payload(capacity)) - FRAME_HEADER_LEN;
+        Self {
+            producer,
+            max_fragment,
+        }
+    }
+
+    pub fn max_fragment(&self) -> usize {
+        self.max_fragment
+    }
+
+    pub fn producer(&self) -> &RingProducer {
+        &self.producer
+    }
+
+    /// Writes as many fragments of `payload` as fit, starting at `*progress` bytes already sent. Returns true
+    /// once the whole message is in the ring. A message that fits one fragment is sent as a single frame.
+    pub fn try_send(
+        &mut self,
+        message_type: u16,
+        message_id: u64,
+        payload: &[u8],
+        progress: &mut usize,
+    ) -> Result<bool, TransportError> {
+        if payload.len() > u32::MAX as usize {
+            return Err(TransportError::MessageTooLarge {
+                len: payload.len(),
+                max: u32::MAX as usize,
+            });
+        }
+        loop {
+            let start = *progress;
+            let end = (start + self.max_fragment).min(payload.len());
+            let piece = &payload[start..end];
+            let mut flags = 0;
+            if start > 0 {
+                flags |= FLAG_CONTINUATION;
+            }
+            if end < payload.len() {
+                flags |= FLAG_MORE_FRAGMENTS;
+            }
+            let header = FrameHeader::new(message_type, flags, piece.len() as u32, message_id);
+            let written = self
+                .producer
+                .try_write(FRAME_HEADER_LEN + piece.len(), |out| {
+                    let (head, body) = out.split_at_mut(FRAME_HEADER_LEN);
+                    let mut encoded = [0u8; FRAME_HEADER_LEN];
+                    header.encode_into(piece, &mut encoded);
+                    head.copy_from_slice(&encoded);
+                    body.copy_from_slice(piece);
+                })?;
+            if !written {
+                return Ok(false);
+            }
+            *progress = end;
+            if end == payload.len() {
+                return Ok(true);
+            }
+        }
+    }
+
+    /// True when a fragment of `payload_len` bytes (capped at one fragment) would fit now.
+    pub fn has_space_for(&mut self, payload_len: usize) -> Result<bool, TransportError> {
+        let need = ring::RECORD_HEADER_LEN * 2
+            + FRAME_HEADER_LEN
+            + payload_len.min(self.max_fragment).div_ceil(8) * 8;
+        let used = self.producer.used_bytes()? as usize;
+        // Worst case a padding record of up to `need` bytes precedes the record.
+        Ok(self.producer.capacity() - used >= 2 * need)
+    }
+
+    pub fn set_waiting_for_space(&self, waiting: bool) {
+        self.producer.set_waiting_for_space(waiting);
+    }
+}
+
+/// Copies one ring record straight into a header array and an aligned payload buffer (one copy, no allocation
+/// once the buffer has grown).
+struct FrameSink<'a> {
+    header: [u8; FRAME_HEADER_LEN],
+    payload: &'a mut AlignedVec,
+    record_len: usize,
+}
+
+impl RecordSink for FrameSink<'_> {
+    fn accept(&mut self, record: &[u8]) {
+        self.record_len = record.len();
+        self.payload.clear();
+        if record.len() >= FRAME_HEADER_LEN {
+            self.header.copy_from_slice(&record[..FRAME_HEADER_LEN]);
+            self.payload.extend_from_slice(&record[FRAME_HEADER_LEN..]);
+        }
+    }
+}
+
+/// A complete message just received; its payload is 16-byte aligned for zero-copy rkyv access.
+#[derive(Debug)]
+pub struct ReceivedMessage<'a> {
+    pub header: FrameHeader,
+    pub payload: &'a [u8],
+}
+
+impl<'a> ReceivedMessage<'a> {
+    pub fn message_type(&self) -> Option<MessageType> {
+        MessageType::from_code(self.header.message_type)
+    }
+
+    pub fn id(&self) -> u64 {
+        self.header.message_id
+    }
+
+    /// Validates the payload as `M` and returns the archived view (no copy). A bad payload is an error.
+    pub fn decode<M>(&self) -> Result<&'a M::Archived, TransportError>
+    where
+        M: Message,
+        M::Archived: for<'b> rkyv::bytecheck::CheckBytes<
+                rkyv::api::high::HighValidator<'b, rkyv::rancor::Error>,
+            > + rkyv::Portable,
+    {
+        if self.header.message_type != M::TYPE.code() {
+            return Err(TransportError::Protocol(format!(
+                "expected {}, got message type {}",
+                M::TYPE.name(),
+                self.header.message_type
+            )));
+        }
+        Ok(protocol::decode::<M>(self.payload)?)
+    }
+
+    /// Validates and deserializes into an owned `M`.
+    pub fn decode_owned<M>(&self) -> Result<M, TransportError>
+    where
+        M: Message,
+        M::Archived: for<'b> rkyv::bytecheck::CheckBytes<
+                rkyv::api::high::HighValidator<'b, rkyv::rancor::Error>,
+            > + rkyv::Portable
+            + rkyv::Deserialize<M, rkyv::api::high::HighDeserializer<rkyv::rancor::Error>>,
+    {
+        let archived = self.decode::<M>()?;
+        Ok(rkyv::deserialize::<M, rkyv::rancor::Error>(archived)?)
+    }
+}
+
+/// What a receive attempt produced.
+#[derive(Debug)]
+pub enum Received {
+    /// Nothing complete yet.
+    Nothing,
+    /// A message is ready: read it with [`FrameReceiver::message`].
+    Message,
+    /// A frame was well-formed but not acceptable (unknown version or flags, too large): answer with an error
+    /// frame for `message_id`, the connection stays up.
+    Rejected { message_id: u64, error: FrameError },
+}
+
+struct Partial {
+    message_type: u16,
+    bytes: AlignedVec,
+}
+
+/// Reads frames from a ring, verifies them and reassembles fragmented messages.
+pub struct FrameReceiver {
+    consumer: RingConsumer,
+    max_message: u32,
+    header: FrameHeader,
+    frame_payload: AlignedVec,
+    assembled: AlignedVec,
+    current_is_assembled: bool,
+    partials: HashMap<u64, Partial>,
+}
+
+impl FrameReceiver {
+    pub fn new(consumer: RingConsumer, max_message: u32) -> Self {
+        let capacity = consumer.capacity();
+        let mut frame_payload = AlignedVec::new();
+        frame_payload.reserve(capacity / 2);
+        Self {
+            consumer,
+            max_message,
+            header: FrameHeader::new(0, 0, 0, 0),
+            frame_payload,
+            assembled: AlignedVec::new(),
+            current_is_assembled: false,
+            partials: HashMap::new(),
+        }
+    }
+
+    pub fn consumer(&self) -> &RingConsumer {
+        &self.consumer
+    }
+
+    pub fn has_data(&self) -> bool {
+        self.consumer.has_data()
+    }
+
+    /// Reads records until a whole message is available or the ring is empty. A fatal error means the byte
+    /// stream can't be trusted: close the connection.
+    pub fn poll(&mut self) -> Result<Received, TransportError> {
+        loop {
+            let mut sink = FrameSink {
+                header: [0u8; FRAME_HEADER_LEN],
+                payload: &mut self.frame_payload,
+                record_len: 0,
+            };
+            if !self.consumer.read_into(&mut sink)? {
+                return Ok(Received::Nothing);
+            }
+            let header_bytes = sink.header;
+            let record_len = sink.record_len;
+            if record_len < FRAME_HEADER_LEN {
+                return Err(FrameError::Truncated {
+                    got: record_len,
+                    need: FRAME_HEADER_LEN,
+                }
+                .into());
+            }
+            let header = match FrameHeader::verify_parts(&header_bytes, &self.frame_payload, self.max_message) {
+                Ok(h) => h,
+                Err(e) if e.is_fatal() => return Err(e.into()),
+                Err(e) => {
+                    let (h, _) = FrameHeader::parse_unchecked(&header_bytes)?;
+                    self.partials.remove(&h.message_id);
+                    return Ok(Received::Rejected {
+                        message_id: h.message_id,
+                        error: e,
+                    });
+                }
+            };
+            let more = header.flags & FLAG_MORE_FRAGMENTS != 0;
+            let continuation = header.flags & FLAG_CONTINUATION != 0;
+            match (continuation, more) {
+                (false, false) => {
+                    if self.partials.contains_key(&header.message_id) {
+                        return Err(TransportError::Protocol(format!(
+                            "message {} restarted before its fragments completed",
+                            header.message_id
+                        )));
+                    }
+                    self.header = header;
+                    self.current_is_assembled = false;
+                    return Ok(Received::Message);
+                }
+                (false, true) => {
+                    let mut bytes = AlignedVec::new();
+                    bytes.extend_from_slice(&self.frame_payload);
+                    if self
+                        .partials
+                        .insert(
+                            header.message_id,
+                            Partial {
+                                message_type: header.message_type,
+                                bytes,
+                            },
+                        )
+                        .is_some()
+                    {
+                        return Err(TransportError::Protocol(format!(
+                            "message {} started twice",
+                            header.message_id
+                        )));
+                    }
+                }
+                (true, _) => {
+                    let Some(partial) = self.partials.get_mut(&header.message_id) else {
+                        return Err(TransportError::Protocol(format!(
+                            "continuation of unknown message {}",
+                            header.message_id
+                        )));
+                    };
+                    if partial.message_type != header.message_type {
+                        return Err(TransportError::Protocol(format!(
+                            "fragment type changed within message {}",
+                            header.message_id
+                        )));
+                    }
+                    let total = partial.bytes.len() as u64 + self.frame_payload.len() as u64;
+                    if total > u64::from(self.max_message) {
+                        self.partials.remove(&header.message_id);
+                        return Ok(Received::Rejected {
+                            message_id: header.message_id,
+                            error: FrameError::TooLarge {
+                                len: total,
+                                max: self.max_message,
+                            },
+                        });
+                    }
+                    partial.bytes.extend_from_slice(&self.frame_payload);
+                    if !more {
+                        let Some(done) = self.partials.remove(&header.message_id) else {
+                            continue;
+                        };
+                        self.assembled = done.bytes;
+                        self.header = FrameHeader {
+                            flags: 0,
+                            payload_len: self.assembled.len() as u32,
+                            ..header
+                        };
+                        self.current_is_assembled = true;
+                        return Ok(Received::Message);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The message made available by the last `poll` that returned [`Received::Message`].
+    pub fn message(&self) -> ReceivedMessage<'_> {
+        let payload: &[u8] = if self.current_is_assembled {
+            &self.assembled
+        } else {
+            &self.frame_payload
+        };
+        ReceivedMessage {
+            header: self.header,
+            payload,
+        }
+    }
+
+    /// True when the peer announced it waits for space in this ring (and clears that announcement).
+    pub fn take_peer_waiting_for_space(&self) -> bool {
+        self.consumer.take_producer_waiting()
+    }
+}

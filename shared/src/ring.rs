@@ -1,0 +1,397 @@
+//! Single-producer single-consumer byte ring in shared memory, hardened against a peer that scribbles on it.
+//!
+//! Records are `[len: u32][kind: u32][len bytes][pad to 8]`, never split across the wrap: when a record does not
+//! fit before the end, a padding record fills the rest and the record starts at offset 0. Indices are u64 byte
+//! counters that never wrap. Each side keeps its own index privately and only *publishes* it to shared memory,
+//! so the peer can lie about its own index but never corrupt ours; every value read from shared memory is
+//! validated before use.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+/// Bytes of the per-record header.
+pub const RECORD_HEADER_LEN: usize = 8;
+const KIND_DATA: u32 = 0x4441_5441; // "DATA"
+const KIND_PADDING: u32 = 0x5041_4444; // "PADD"
+
+/// Smallest and largest ring capacities accepted from a peer.
+pub const MIN_RING_BYTES: usize = 4096;
+pub const MAX_RING_BYTES: usize = 64 * 1024 * 1024;
+
+/// One 128-byte line, so producer and consumer indices never share a cache line (or an adjacent-line prefetch).
+#[repr(C, align(128))]
+pub struct CacheLine<T>(pub T);
+
+/// The shared-memory control block of one ring.
+#[repr(C)]
+pub struct RingIndices {
+    /// Bytes ever published by the producer.
+    pub tail: CacheLine<AtomicU64>,
+    /// Bytes ever released by the consumer.
+    pub head: CacheLine<AtomicU64>,
+    /// Set by a producer that found the ring full and is about to wait for space.
+    pub producer_waiting: CacheLine<AtomicU32>,
+}
+
+/// A ring invariant the peer violated; the connection must be closed.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RingError {
+    #[error("peer published an impossible {which} index {value} (ours {ours}, capacity {capacity})")]
+    BadIndex {
+        which: &'static str,
+        value: u64,
+        ours: u64,
+        capacity: u64,
+    },
+    #[error("corrupt record header at offset {offset}: kind {kind:#x}, length {len}")]
+    BadRecord { offset: u64, kind: u32, len: u32 },
+    #[error("record of {len} bytes can never fit a ring of {capacity} bytes")]
+    RecordTooLarge { len: usize, capacity: usize },
+}
+
+fn record_size(payload_len: usize) -> usize {
+    RECORD_HEADER_LEN + payload_len.div_ceil(8) * 8
+}
+
+/// Largest record payload that always fits (half the ring, so a padding record can precede it).
+pub fn max_record_payload(capacity: usize) -> usize {
+    capacity / 2 - RECORD_HEADER_LEN
+}
+
+/// Checks a capacity announced by a peer.
+pub fn valid_capacity(capacity: usize) -> bool {
+    capacity.is_power_of_two() && (MIN_RING_BYTES..=MAX_RING_BYTES).contains(&capacity)
+}
+
+/// The writing end. Owns the authoritative tail.
+pub struct RingProducer {
+    indices: *const RingIndices,
+    data: *mut u8,
+    capacity: u64,
+    tail: u64,
+    cached_head: u64,
+}
+
+// SAFETY: the producer is the only writer of its ring's data/tail; the pointers stay valid while the owning
+// segment mapping lives (the segment owner keeps both together).
+unsafe impl Send for RingProducer {}
+
+impl RingProducer {
+    /// # Safety
+    /// `indices` and `data[..capacity]` must stay mapped for the producer's life, `capacity` must be a power of
+    /// two >= MIN_RING_BYTES, and only one producer may exist per ring.
+    pub unsafe fn new(indices: *const RingIndices, data: *mut u8, capacity: usize) -> Self {
+        // SAFETY: caller guarantees `indices` is valid. Start from whatever was published (0 on a new ring).
+        let tail = unsafe { (*indices).tail.0.load(Ordering::Relaxed) };
+        Self {
+            indices,
+            data,
+            capacity: capacity as u64,
+            tail,
+            cached_head: tail,
+        }
+    }
+
+    fn indices(&self) -> &RingIndices {
+        // SAFETY: valid for the producer's life (constructor contract).
+        unsafe { &*self.indices }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity as usize
+    }
+
+    /// Re-reads the consumer's head and validates it.
+    fn refresh_head(&mut self) -> Result<(), RingError> {
+        let head = self.indices().head.0.load(Ordering::Acquire);
+        if head < self.cached_head || head > self.tail {
+            return Err(RingError::BadIndex {
+                which: "head",
+                value: head,
+                ours: self.tail,
+                capacity: self.capacity,
+            });
+        }
+        self.cached_head = head;
+        Ok(())
+    }
+
+    /// Bytes the consumer has not released yet (as last seen).
+    pub fn used_bytes(&mut self) -> Result<u64, RingError> {
+        self.refresh_head()?;
+        Ok(self.tail - self.cached_head)
+    }
+
+    /// Writes one record of `len` bytes filled by `fill` and publishes it. Returns `Ok(false)` when the ring is
+    /// currently too full (nothing written).
+    pub fn try_write(&mut self, len: usize, fill: impl FnOnce(&mut [u8])) -> Result<bool, RingError> {
+        if len > max_record_payload(self.capacity as usize) {
+            return Err(RingError::RecordTooLarge {
+                len,
+                capacity: self.capacity as usize,
+            });
+        }
+        let size = record_size(len) as u64;
+        let offset = self.tail & (self.capacity - 1);
+        let until_end = self.capacity - offset;
+        let padding = if size > until_end { until_end } else { 0 };
+        let needed = padding + size;
+        if self.capacity - (self.tail - self.cached_head) < needed {
+            self.refresh_head()?;
+            if self.capacity - (self.tail - self.cached_head) < needed {
+                return Ok(false);
+            }
+        }
+        let mut tail = self.tail;
+        if padding > 0 {
+            // SAFETY: offset + 8 <= capacity (records are 8-aligned), the bytes are free (checked above).
+            unsafe { self.write_record_header(offset, (padding as usize - RECORD_HEADER_LEN) as u32, KIND_PADDING) };
+            tail += padding;
+        }
+        let offset = tail & (self.capacity - 1);
+        // SAFETY: the record fits contiguously at `offset` (padding handled above) and is free space.
+        unsafe {
+            self.write_record_header(offset, len as u32, KIND_DATA);
+            let body = std::slice::from_raw_parts_mut(
+                self.data.add(offset as usize + RECORD_HEADER_LEN),
+                len,
+            );
+            fill(body);
+        }
+        tail += size;
+        self.tail = tail;
+        // Publish only after the whole record is written.
+        self.indices().tail.0.store(tail, Ordering::Release);
+        Ok(true)
+    }
+
+    unsafe fn write_record_header(&mut self, offset: u64, len: u32, kind: u32) {
+        let mut header = [0u8; RECORD_HEADER_LEN];
+        header[..4].copy_from_slice(&len.to_le_bytes());
+        header[4..].copy_from_slice(&kind.to_le_bytes());
+        // SAFETY: caller guarantees offset + 8 <= capacity.
+        unsafe {
+            std::ptr::copy_nonoverlapping(header.as_ptr(), self.data.add(offset as usize), RECORD_HEADER_LEN)
+        };
+    }
+
+    /// Announce that the producer is about to wait for space (the consumer then rings our doorbell).
+    pub fn set_waiting_for_space(&self, waiting: bool) {
+        self.indices()
+            .producer_waiting
+            .0
+            .store(u32::from(waiting), Ordering::SeqCst);
+    }
+}
+
+/// The reading end. Owns the authoritative head.
+pub struct RingConsumer {
+    indices: *const RingIndices,
+    data: *const u8,
+    capacity: u64,
+    head: u64,
+    cached_tail: u64,
+}
+
+// SAFETY: see RingProducer.
+unsafe impl Send for RingConsumer {}
+
+impl RingConsumer {
+    /// # Safety
+    /// Same contract as [`RingProducer::new`], for the single consumer.
+    pub unsafe fn new(indices: *const RingIndices, data: *const u8, capacity: usize) -> Self {
+        // SAFETY: caller guarantees validity.
+        let head = unsafe { (*indices).head.0.load(Ordering::Relaxed) };
+        Self {
+            indices,
+            data,
+            capacity: capacity as u64,
+            head,
+            cached_tail: head,
+        }
+    }
+
+    fn indices(&self) -> &RingIndices {
+        // SAFETY: constructor contract.
+        unsafe { &*self.indices }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity as usize
+    }
+
+    /// True if a record may be available (cheap check used while spinning).
+    pub fn has_data(&self) -> bool {
+        if self.head != self.cached_tail {
+            return true;
+        }
+        self.indices().tail.0.load(Ordering::Acquire) != self.head
+    }
+
+    /// Copies the next record into `out` (cleared first) and releases it from the ring.
+    /// Returns `Ok(false)` when the ring is empty.
+    pub fn read_into(&mut self, out: &mut impl RecordSink) -> Result<bool, RingError> {
+        loop {
+            if self.head == self.cached_tail {
+                let tail = self.indices().tail.0.load(Ordering::Acquire);
+                if tail < self.head || tail - self.head > self.capacity {
+                    return Err(RingError::BadIndex {
+                        which: "tail",
+                        value: tail,
+                        ours: self.head,
+                        capacity: self.capacity,
+                    });
+                }
+                self.cached_tail = tail;
+                if tail == self.head {
+                    return Ok(false);
+                }
+            }
+            let offset = self.head & (self.capacity - 1);
+            let available = self.cached_tail - self.head;
+            let until_end = self.capacity - offset;
+            if available < RECORD_HEADER_LEN as u64 {
+                return Err(RingError::BadRecord {
+                    offset,
+                    kind: 0,
+                    len: 0,
+                });
+            }
+            // Copy the header out of shared memory once, then validate the copy.
+            let mut header = [0u8; RECORD_HEADER_LEN];
+            // SAFETY: offset + 8 <= capacity because offsets are 8-aligned (head only advances by record sizes).
+            unsafe {
+                std::ptr::copy_nonoverlapping(self.data.add(offset as usize), header.as_mut_ptr(), RECORD_HEADER_LEN)
+            };
+            let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+            let kind = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+            let size = record_size(len as usize) as u64;
+            let bad = RingError::BadRecord { offset, kind, len };
+            match kind {
+                KIND_PADDING => {
+                    if size != until_end || size > available {
+                        return Err(bad);
+                    }
+                    self.head += size;
+                }
+                KIND_DATA => {
+                    if size > until_end
+                        || size > available
+                        || len as usize > max_record_payload(self.capacity as usize)
+                    {
+                        return Err(bad);
+                    }
+                    // SAFETY: bounds validated above against our own head and the validated tail.
+                    let body = unsafe {
+                        std::slice::from_raw_parts(self.data.add(offset as usize + RECORD_HEADER_LEN), len as usize)
+                    };
+                    out.accept(body);
+                    self.head += size;
+                    self.indices().head.0.store(self.head, Ordering::Release);
+                    return Ok(true);
+                }
+                _ => return Err(bad),
+            }
+        }
+    }
+
+    /// True when the producer announced it waits for space; clears the announcement.
+    pub fn take_producer_waiting(&self) -> bool {
+        let flag = &self.indices().producer_waiting.0;
+        flag.load(Ordering::SeqCst) != 0 && flag.swap(0, Ordering::SeqCst) != 0
+    }
+}
+
+/// Where a consumer copies a record. The bytes may be rewritten by a hostile peer while they are copied; the
+/// sink must only copy them, and validate its private copy afterwards.
+pub trait RecordSink {
+    fn accept(&mut self, record: &[u8]);
+}
+
+impl RecordSink for Vec<u8> {
+    fn accept(&mut self, record: &[u8]) {
+        self.clear();
+        self.extend_from_slice(record);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct TestRing {
+        indices: Box<RingIndices>,
+        data: Vec<u64>,
+    }
+
+    impl TestRing {
+        fn new(capacity: usize) -> Self {
+            Self {
+                indices: Box::new(RingIndices {
+                    tail: CacheLine(AtomicU64::new(0)),
+                    head: CacheLine(AtomicU64::new(0)),
+                    producer_waiting: CacheLine(AtomicU32::new(0)),
+                }),
+                data: vec![0u64; capacity / 8],
+            }
+        }
+        fn ends(&mut self) -> (RingProducer, RingConsumer) {
+            let cap = self.data.len() * 8;
+            let data = self.data.as_mut_ptr().cast::<u8>();
+            let indices: *const RingIndices = &*self.indices;
+            // SAFETY: the test ring outlives both ends.
+            unsafe { (RingProducer::new(indices, data, cap), RingConsumer::new(indices, data, cap)) }
+        }
+    }
+
+    #[test]
+    fn records_roundtrip_across_many_wraps() {
+        let mut ring = TestRing::new(4096);
+        let (mut tx, mut rx) = ring.ends();
+        let mut out = Vec::new();
+        for i in 0..10_000u32 {
+            let len = (i as usize * 37) % 700;
+            let fill = |b: &mut [u8]| b.iter_mut().enumerate().for_each(|(j, x)| *x = (i as usize + j) as u8);
+            assert!(tx.try_write(len, fill).unwrap());
+            assert!(rx.read_into(&mut out).unwrap());
+            assert_eq!(out.len(), len);
+            assert!(out.iter().enumerate().all(|(j, x)| *x == (i as usize + j) as u8));
+        }
+        assert!(!rx.read_into(&mut out).unwrap());
+    }
+
+    #[test]
+    fn full_ring_reports_false_and_never_overwrites() {
+        let mut ring = TestRing::new(4096);
+        let (mut tx, mut rx) = ring.ends();
+        let mut written = 0;
+        while tx.try_write(1000, |b| b.fill(written as u8)).unwrap() {
+            written += 1;
+        }
+        assert_eq!(written, 4); // 4 x 1008 bytes fit in 4096
+        let mut out = Vec::new();
+        for i in 0..written {
+            assert!(rx.read_into(&mut out).unwrap());
+            assert!(out.iter().all(|x| *x == i as u8));
+        }
+        assert!(tx.try_write(1000, |b| b.fill(9)).unwrap());
+    }
+
+    #[test]
+    fn hostile_indices_and_records_are_errors_not_panics() {
+        let mut ring = TestRing::new(4096);
+        let (mut tx, mut rx) = ring.ends();
+        let mut out = Vec::new();
+        ring.indices.tail.0.store(1 << 40, Ordering::Release);
+        assert!(matches!(rx.read_into(&mut out), Err(RingError::BadIndex { .. })));
+
+        let mut ring = TestRing::new(4096);
+        let (mut tx2, mut rx2) = ring.ends();
+        assert!(tx2.try_write(16, |b| b.fill(1)).unwrap());
+        ring.data[0] = u64::from_le_bytes([0xff, 0xff, 0, 0, 0x41, 0x54, 0x41, 0x44]); // DATA, len 65535
+        assert!(matches!(rx2.read_into(&mut out), Err(RingError::BadRecord { .. })));
+
+        ring.indices.head.0.store(u64::MAX, Ordering::Release);
+        assert!(matches!(tx2.try_write(8, |_| {}), Ok(true) | Err(RingError::BadIndex { .. })));
+        let _ = (&mut tx, &mut rx);
+    }
+}

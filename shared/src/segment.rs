@@ -1,0 +1,290 @@
+//! Shared-memory layouts: a client slot (control page + two rings) and the engine's doorbell page in engine.lock.
+
+use std::fs::File;
+use std::io;
+use std::mem::size_of;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use crate::doorbell::Doorbell;
+use crate::error::TransportError;
+use crate::ring::{self, CacheLine, RingConsumer, RingIndices, RingProducer};
+use crate::sys::{self, Mapping};
+
+pub const PAGE: usize = 4096;
+const SLOT_MAGIC: [u8; 8] = *b"LAPCSLOT";
+const SLOT_LAYOUT_VERSION: u32 = 1;
+
+/// Written once by the creating client before the slot is announced; the server copies and validates it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct SlotIdentity {
+    magic: [u8; 8],
+    layout_version: u32,
+    client_to_server_bytes: u32,
+    server_to_client_bytes: u32,
+    client_pid: u32,
+    generation: u64,
+}
+
+/// The control page of a slot segment.
+#[repr(C)]
+struct SlotControl {
+    identity: CacheLine<SlotIdentity>,
+    /// The client sleeps here (waiting for data or space).
+    client_bell: Doorbell,
+    /// Set by the server when it closed this connection (protocol violation, shutdown).
+    server_closed: CacheLine<AtomicU32>,
+    client_to_server: RingIndices,
+    server_to_client: RingIndices,
+}
+
+const _: () = assert!(size_of::<SlotControl>() <= PAGE);
+
+/// One client's mapped slot segment.
+pub struct SlotSegment {
+    mapping: Mapping,
+    c2s_bytes: usize,
+    s2c_bytes: usize,
+    generation: u64,
+    client_pid: u32,
+}
+
+impl SlotSegment {
+    fn control(&self) -> &SlotControl {
+        // SAFETY: the mapping is at least one page and page-aligned; SlotControl fits in a page.
+        unsafe { &*self.mapping.as_ptr().cast::<SlotControl>() }
+    }
+
+    /// Creates a new segment exclusively under `name` (client side), sized, reserved and initialised.
+    pub fn create(
+        name: &str,
+        c2s_bytes: usize,
+        s2c_bytes: usize,
+        generation: u64,
+    ) -> Result<Self, TransportError> {
+        if !ring::valid_capacity(c2s_bytes) || !ring::valid_capacity(s2c_bytes) {
+            return Err(TransportError::Protocol(format!(
+                "ring sizes must be powers of two between {} and {} bytes (got {c2s_bytes}, {s2c_bytes})",
+                ring::MIN_RING_BYTES,
+                ring::MAX_RING_BYTES
+            )));
+        }
+        let fd = sys::shm_create_exclusive(name)
+            .map_err(|e| TransportError::io(format!("creating shared memory {name}"), e))?;
+        let total = PAGE + c2s_bytes + s2c_bytes;
+        let mapped = sys::size_and_reserve(&fd, total)
+            .map_err(|e| {
+                TransportError::io(
+                    format!("reserving {total} bytes of shared memory (is /dev/shm full?)"),
+                    e,
+                )
+            })
+            .and_then(|()| {
+                Mapping::map_shared(&fd, total)
+                    .map_err(|e| TransportError::io("mapping shared memory", e))
+            });
+        let mapping = match mapped {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = sys::shm_unlink(name);
+                return Err(e);
+            }
+        };
+        let client_pid = std::process::id();
+        let identity = SlotIdentity {
+            magic: SLOT_MAGIC,
+            layout_version: SLOT_LAYOUT_VERSION,
+            client_to_server_bytes: c2s_bytes as u32,
+            server_to_client_bytes: s2c_bytes as u32,
+            client_pid,
+            generation,
+        };
+        // SAFETY: fresh zeroed mapping owned by us; nobody else knows the name's generation yet.
+        unsafe {
+            std::ptr::write(mapping.as_ptr().cast::<SlotIdentity>(), identity);
+        }
+        Ok(Self {
+            mapping,
+            c2s_bytes,
+            s2c_bytes,
+            generation,
+            client_pid,
+        })
+    }
+
+    /// Opens and validates an existing segment (server side). Never truncates or resizes it.
+    pub fn open(name: &str, expected_generation: u64) -> Result<Self, TransportError> {
+        let fd = sys::shm_open_existing(name)
+            .map_err(|e| TransportError::io(format!("opening shared memory {name}"), e))?;
+        let (size, _) = sys::fstat_size_inode(&fd)
+            .map_err(|e| TransportError::io("inspecting shared memory", e))?;
+        let max = (PAGE + 2 * ring::MAX_RING_BYTES) as u64;
+        if size < (PAGE + 2 * ring::MIN_RING_BYTES) as u64 || size > max {
+            return Err(TransportError::Protocol(format!(
+                "slot segment has impossible size {size}"
+            )));
+        }
+        let mapping = Mapping::map_shared(&fd, size as usize)
+            .map_err(|e| TransportError::io("mapping shared memory", e))?;
+        // Copy the identity out once, then validate the copy.
+        // SAFETY: mapping is >= one page.
+        let identity = unsafe { std::ptr::read_volatile(mapping.as_ptr().cast::<SlotIdentity>()) };
+        let c2s = identity.client_to_server_bytes as usize;
+        let s2c = identity.server_to_client_bytes as usize;
+        if identity.magic != SLOT_MAGIC
+            || identity.layout_version != SLOT_LAYOUT_VERSION
+            || identity.generation != expected_generation
+            || !ring::valid_capacity(c2s)
+            || !ring::valid_capacity(s2c)
+            || (PAGE + c2s + s2c) as u64 != size
+        {
+            return Err(TransportError::Protocol(format!(
+                "slot segment {name} has an invalid header: {identity:?} (size {size})"
+            )));
+        }
+        Ok(Self {
+            mapping,
+            c2s_bytes: c2s,
+            s2c_bytes: s2c,
+            generation: identity.generation,
+            client_pid: identity.client_pid,
+        })
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    pub fn client_pid(&self) -> u32 {
+        self.client_pid
+    }
+
+    pub fn ring_sizes(&self) -> (usize, usize) {
+        (self.c2s_bytes, self.s2c_bytes)
+    }
+
+    pub fn client_bell(&self) -> &Doorbell {
+        &self.control().client_bell
+    }
+
+    pub fn server_closed(&self) -> bool {
+        self.control().server_closed.0.load(Ordering::Acquire) != 0
+    }
+
+    pub fn mark_server_closed(&self) {
+        self.control().server_closed.0.store(1, Ordering::Release);
+    }
+
+    fn data(&self, offset: usize) -> *mut u8 {
+        // SAFETY: offsets used below are within the mapping (validated sizes).
+        unsafe { self.mapping.as_ptr().add(offset) }
+    }
+
+    /// # Safety
+    /// Call at most once per segment and side; the returned ends must not outlive `self`.
+    pub unsafe fn client_ends(&self) -> (RingProducer, RingConsumer) {
+        let control = self.control();
+        // SAFETY: pointers into our mapping with validated capacities; caller keeps the mapping alive.
+        unsafe {
+            (
+                RingProducer::new(&control.client_to_server, self.data(PAGE), self.c2s_bytes),
+                RingConsumer::new(
+                    &control.server_to_client,
+                    self.data(PAGE + self.c2s_bytes),
+                    self.s2c_bytes,
+                ),
+            )
+        }
+    }
+
+    /// # Safety
+    /// As [`SlotSegment::client_ends`], for the server side.
+    pub unsafe fn server_ends(&self) -> (RingProducer, RingConsumer) {
+        let control = self.control();
+        // SAFETY: as above.
+        unsafe {
+            (
+                RingProducer::new(
+                    &control.server_to_client,
+                    self.data(PAGE + self.c2s_bytes),
+                    self.s2c_bytes,
+                ),
+                RingConsumer::new(&control.client_to_server, self.data(PAGE), self.c2s_bytes),
+            )
+        }
+    }
+}
+
+/// The engine's page inside engine.lock: its pid (as text, for people and error messages) and its doorbell.
+pub struct EnginePage {
+    mapping: Mapping,
+}
+
+const ENGINE_PID_BYTES: usize = 32;
+
+#[repr(C)]
+struct EngineControl {
+    pid_text: CacheLine<[u8; ENGINE_PID_BYTES]>,
+    bell: Doorbell,
+}
+
+const _: () = assert!(size_of::<EngineControl>() <= PAGE);
+
+impl EnginePage {
+    /// Server side: grows engine.lock to a page (never shrinks it), maps it and resets the doorbell.
+    pub fn create(file: &File) -> io::Result<Self> {
+        let (size, _) = sys::fstat_size_inode(file)?;
+        if size < PAGE as u64 {
+            file.set_len(PAGE as u64)?;
+        }
+        let mapping = Mapping::map_shared(file, PAGE)?;
+        let page = Self { mapping };
+        page.bell().sleepers.0.store(0, Ordering::SeqCst);
+        Ok(page)
+    }
+
+    /// Client side: maps an existing engine.lock, refusing one that is not a full page yet.
+    pub fn open(file: &File) -> io::Result<Option<Self>> {
+        let (size, _) = sys::fstat_size_inode(file)?;
+        if size < PAGE as u64 {
+            return Ok(None);
+        }
+        Ok(Some(Self {
+            mapping: Mapping::map_shared(file, PAGE)?,
+        }))
+    }
+
+    fn control(&self) -> &EngineControl {
+        // SAFETY: one mapped page; EngineControl fits.
+        unsafe { &*self.mapping.as_ptr().cast::<EngineControl>() }
+    }
+
+    pub fn bell(&self) -> &Doorbell {
+        &self.control().bell
+    }
+}
+
+/// Writes the pid line at the start of engine.lock with a normal write (which also announces readiness to
+/// inotify watchers of the rendezvous directory).
+pub fn write_engine_pid(file: &File) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut text = [b' '; ENGINE_PID_BYTES];
+    let pid = format!("{}\n", std::process::id());
+    text[..pid.len()].copy_from_slice(pid.as_bytes());
+    text[ENGINE_PID_BYTES - 1] = b'\n';
+    file.write_all_at(&text, 0)
+}
+
+/// Reads the pid line from engine.lock (for error messages only; liveness is the lock).
+pub fn read_engine_pid(file: &File) -> String {
+    use std::os::unix::fs::FileExt;
+    let mut text = [0u8; ENGINE_PID_BYTES];
+    match file.read_at(&mut text, 0) {
+        Ok(n) => String::from_utf8_lossy(&text[..n])
+            .split_whitespace()
+            .next()
+            .unwrap_or("unknown")
+            .to_owned(),
+        Err(_) => "unknown".to_owned(),
+    }
+}

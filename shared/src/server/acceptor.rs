@@ -1,0 +1,182 @@
+//! The acceptor thread: inotify on the slots directory announces new clients and dead ones.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering;
+
+use inotify::{EventMask, Inotify, WatchMask};
+
+use super::{Attach, Shared};
+use crate::endpoint::Endpoint;
+use crate::error::TransportError;
+use crate::lockfile::{HeldLock, TryLock};
+use crate::segment::SlotSegment;
+
+/// Starts watching before anything is scanned, so no announcement can slip between scan and watch.
+pub(super) fn watch_slots(endpoint: &Endpoint) -> Result<Inotify, TransportError> {
+    let inotify = Inotify::init().map_err(|e| TransportError::io("initialising inotify", e))?;
+    inotify
+        .watches()
+        .add(
+            endpoint.slots_dir(),
+            WatchMask::MODIFY | WatchMask::CLOSE_WRITE | WatchMask::DELETE,
+        )
+        .map_err(|e| TransportError::io(format!("watching {}", endpoint.slots_dir().display()), e))?;
+    Ok(inotify)
+}
+
+pub(super) fn run(shared: &Shared, mut inotify: Inotify, wake: &OwnedFd) {
+    rescan(shared);
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: inotify.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: wake.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: fds is a valid array of two pollfd.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if shared.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        if rc < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.kind() != std::io::ErrorKind::Interrupted {
+                tracing::error!(error = %err, "acceptor poll failed");
+                return;
+            }
+            continue;
+        }
+        let events = match inotify.read_events(&mut buffer) {
+            Ok(events) => events,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => {
+                tracing::error!(error = %e, "reading inotify events failed");
+                return;
+            }
+        };
+        let mut overflow = false;
+        let mut to_check: Vec<(u32, EventMask)> = Vec::new();
+        for event in events {
+            if event.mask.contains(EventMask::Q_OVERFLOW) {
+                overflow = true;
+                continue;
+            }
+            let Some(slot) = event.name.and_then(|n| n.to_str()).and_then(parse_slot_file) else {
+                continue;
+            };
+            to_check.push((slot, event.mask));
+        }
+        if overflow {
+            tracing::warn!("inotify queue overflowed; rescanning all slots");
+            rescan(shared);
+            continue;
+        }
+        for (slot, mask) in to_check {
+            if mask.intersects(EventMask::CLOSE_WRITE | EventMask::DELETE) {
+                check_death(shared, slot);
+            }
+            if mask.contains(EventMask::MODIFY) {
+                check_announcement(shared, slot);
+            }
+        }
+    }
+}
+
+fn parse_slot_file(name: &str) -> Option<u32> {
+    name.strip_suffix(".lock")?.parse().ok()
+}
+
+fn rescan(shared: &Shared) {
+    let Ok(entries) = std::fs::read_dir(shared.endpoint.slots_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if let Some(slot) = entry.file_name().to_str().and_then(parse_slot_file) {
+            check_death(shared, slot);
+            check_announcement(shared, slot);
+        }
+    }
+    let attached: Vec<u32> = lock(&shared.attached).keys().copied().collect();
+    for slot in attached {
+        check_death(shared, slot);
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A client wrote its generation into its slot file: map its segment and hand it to the reactor.
+fn check_announcement(shared: &Shared, slot: u32) {
+    let path = shared.endpoint.slot_lock_path(slot);
+    let Ok(file) = std::fs::File::open(&path) else {
+        return;
+    };
+    let mut text = [0u8; 17];
+    let Ok(17) = file.read_at(&mut text, 0) else {
+        return;
+    };
+    let Some(generation) = std::str::from_utf8(&text[..16])
+        .ok()
+        .and_then(|t| u64::from_str_radix(t, 16).ok())
+    else {
+        return;
+    };
+    let previous = lock(&shared.attached).get(&slot).copied();
+    if previous == Some(generation) {
+        return;
+    }
+    if let Some(old) = previous {
+        // The slot changed hands: the old holder is gone.
+        shared.post(|inbox| inbox.detach.push((slot, old)));
+    }
+    let name = shared.endpoint.shm_name(slot, generation);
+    match SlotSegment::open(&name, generation) {
+        Ok(segment) => {
+            // Both sides have it mapped now: remove the name so a crash leaves nothing in /dev/shm.
+            let _ = crate::sys::shm_unlink(&name);
+            lock(&shared.attached).insert(slot, generation);
+            shared.post(|inbox| inbox.attach.push(Attach { slot, segment }));
+        }
+        Err(TransportError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(slot, error = %e, "refusing a malformed slot segment");
+            let _ = crate::sys::shm_unlink(&name);
+            lock(&shared.attached).insert(slot, generation);
+        }
+    }
+}
+
+/// A slot file was closed or deleted: if nobody holds its lock any more, the client is gone.
+fn check_death(shared: &Shared, slot: u32) {
+    let path = shared.endpoint.slot_lock_path(slot);
+    let gone = match HeldLock::try_acquire_existing(&path) {
+        Ok(Some(TryLock::Busy)) => false,
+        Ok(Some(TryLock::Acquired(held))) => {
+            if let Some(generation) = lock(&shared.attached).get(&slot).copied() {
+                let _ = crate::sys::shm_unlink(&shared.endpoint.shm_name(slot, generation));
+            }
+            held.remove();
+            true
+        }
+        Ok(None) => true,
+        Err(e) => {
+            tracing::warn!(slot, error = %e, "probing a slot lock failed");
+            false
+        }
+    };
+    if gone {
+        if let Some(generation) = lock(&shared.attached).remove(&slot) {
+            tracing::debug!(slot, "client gone");
+            shared.post(|inbox| inbox.detach.push((slot, generation)));
+        }
+    }
+}

@@ -1,0 +1,340 @@
+//! The reactor thread: drains every client's ring, answers transport messages itself, and sleeps when idle.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::Notify;
+
+use super::connection::{DisconnectReason, ServerConnection};
+use super::{Attach, Shared};
+use crate::doorbell::{self, SpinPolicy};
+use crate::framing::{FrameReceiver, FrameSender, Received};
+use crate::protocol::{
+    self, Credit, ErrorCode, ErrorMessage, FrameError, Goodbye, Hello, HelloAck, MessageType,
+    Ping, PROTOCOL_VERSION,
+};
+
+/// Messages handled per connection before moving on, so one busy client cannot starve the others.
+const BATCH: usize = 64;
+
+struct Slot {
+    connection: Arc<ServerConnection>,
+    receiver: FrameReceiver,
+    handshaken: bool,
+    /// Replies the reactor could not write because the client's ring was full; while non-empty the reactor
+    /// stops reading this client (backpressure instead of loss).
+    deferred: VecDeque<(u16, u64, Vec<u8>)>,
+}
+
+pub(super) fn run(shared: &Shared) {
+    let mut slots: Vec<Slot> = Vec::new();
+    let mut spin = SpinPolicy::new(shared.options.max_spin);
+    loop {
+        if shared.stop.load(Ordering::SeqCst) {
+            for slot in slots.drain(..) {
+                close(shared, slot, DisconnectReason::ServerShutdown);
+            }
+            return;
+        }
+        if shared.inbox_ready.swap(false, Ordering::SeqCst) {
+            take_inbox(shared, &mut slots);
+        }
+        let mut progressed = false;
+        let mut index = 0;
+        while index < slots.len() {
+            match service(shared, &mut slots[index]) {
+                Ok(did_work) => {
+                    progressed |= did_work;
+                    index += 1;
+                }
+                Err(reason) => {
+                    let slot = slots.swap_remove(index);
+                    close(shared, slot, reason);
+                    progressed = true;
+                }
+            }
+        }
+        if !progressed {
+            doorbell::wait_forever(shared.page.bell(), &mut spin, || {
+                shared.stop.load(Ordering::Relaxed)
+                    || shared.inbox_ready.load(Ordering::Relaxed)
+                    || slots.iter().any(ready)
+            });
+        }
+    }
+}
+
+fn ready(slot: &Slot) -> bool {
+    if slot.deferred.is_empty() && slot.receiver.has_data() {
+        return true;
+    }
+    let wants_space = !slot.deferred.is_empty() || slot.connection.space_waiters.load(Ordering::Relaxed);
+    wants_space
+        && slot
+            .connection
+            .writer
+            .try_lock()
+            .ok()
+            .and_then(|mut w| w.has_space_for(1).ok())
+            .unwrap_or(false)
+}
+
+fn take_inbox(shared: &Shared, slots: &mut Vec<Slot>) {
+    let inbox = std::mem::take(&mut *shared.inbox.lock().unwrap_or_else(|p| p.into_inner()));
+    for (slot_number, generation) in inbox.detach {
+        if let Some(index) = slots
+            .iter()
+            .position(|s| s.connection.slot == slot_number && s.connection.generation == generation)
+        {
+            let slot = slots.swap_remove(index);
+            close(shared, slot, DisconnectReason::ClientGone);
+        }
+    }
+    for Attach { slot, segment } in inbox.attach {
+        let segment = Arc::new(segment);
+        // SAFETY: one pair of ends per segment on the server side; they live in `Slot` next to the Arc'd
+        // segment that backs them (the connection holds the segment).
+        let (producer, consumer) = unsafe { segment.server_ends() };
+        let connection = Arc::new(ServerConnection {
+            slot,
+            generation: segment.generation(),
+            client_pid: segment.client_pid(),
+            client_name: Mutex::new(String::new()),
+            segment: Arc::clone(&segment),
+            writer: Mutex::new(FrameSender::new(producer)),
+            closed: AtomicBool::new(false),
+            space: Notify::new(),
+            space_waiters: AtomicBool::new(false),
+            credits: Mutex::new(HashMap::new()),
+            credit_changed: Notify::new(),
+            stream_window: shared.options.stream_window_bytes,
+            send_timeout: shared.options.send_timeout,
+        });
+        tracing::debug!(slot, pid = segment.client_pid(), "slot attached");
+        slots.push(Slot {
+            connection,
+            receiver: FrameReceiver::new(consumer, shared.options.max_message_bytes),
+            handshaken: false,
+            deferred: VecDeque::new(),
+        });
+    }
+}
+
+fn close(shared: &Shared, slot: Slot, reason: DisconnectReason) {
+    let connection = &slot.connection;
+    if matches!(reason, DisconnectReason::ServerShutdown | DisconnectReason::ProtocolViolation(_)) {
+        if let Ok(payload) = protocol::encode(&Goodbye {
+            reason: match &reason {
+                DisconnectReason::ProtocolViolation(why) => format!("protocol violation: {why}"),
+                _ => "engine shutting down".into(),
+            },
+        }) {
+            let _ = connection.try_send_raw(MessageType::Goodbye.code(), 0, &payload);
+        }
+    }
+    if let DisconnectReason::ProtocolViolation(why) = &reason {
+        tracing::warn!(slot = connection.slot, pid = connection.client_pid, reason = %why, "closing connection");
+    } else {
+        tracing::debug!(slot = connection.slot, ?reason, "connection closed");
+    }
+    connection.segment.mark_server_closed();
+    connection.segment.client_bell().ring_always();
+    connection.mark_closed();
+    if slot.handshaken {
+        shared.connections.fetch_sub(1, Ordering::AcqRel);
+        shared.handler.on_disconnect(connection, &reason);
+    }
+}
+
+type Deferred = VecDeque<(u16, u64, Vec<u8>)>;
+
+fn queue_or_send(
+    connection: &ServerConnection,
+    deferred: &mut Deferred,
+    message_type: u16,
+    message_id: u64,
+    payload: &[u8],
+) -> Result<(), DisconnectReason> {
+    if deferred.is_empty() {
+        match connection.try_send_raw(message_type, message_id, payload) {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => return Err(DisconnectReason::ProtocolViolation(e.to_string())),
+        }
+    }
+    deferred.push_back((message_type, message_id, payload.to_vec()));
+    connection.writer.lock().unwrap_or_else(|p| p.into_inner()).set_waiting_for_space(true);
+    Ok(())
+}
+
+fn send_error(
+    connection: &ServerConnection,
+    deferred: &mut Deferred,
+    message_id: u64,
+    code: ErrorCode,
+    message: String,
+) -> Result<(), DisconnectReason> {
+    let payload = protocol::encode(&ErrorMessage { code, message })
+        .map_err(|e| DisconnectReason::ProtocolViolation(e.to_string()))?;
+    queue_or_send(connection, deferred, MessageType::ErrorMessage.code(), message_id, &payload)
+}
+
+/// Drains one connection. `Err` closes it.
+fn service(shared: &Shared, slot: &mut Slot) -> Result<bool, DisconnectReason> {
+    let mut did_work = false;
+    while let Some((message_type, message_id, payload)) = slot.deferred.front() {
+        match slot.connection.try_send_raw(*message_type, *message_id, payload) {
+            Ok(true) => {
+                slot.deferred.pop_front();
+                did_work = true;
+            }
+            Ok(false) => break,
+            Err(e) => return Err(DisconnectReason::ProtocolViolation(e.to_string())),
+        }
+    }
+    if slot.connection.space_waiters.load(Ordering::Acquire) {
+        let has_space = slot
+            .connection
+            .writer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .has_space_for(1)
+            .unwrap_or(true);
+        if has_space {
+            slot.connection.space_waiters.store(false, Ordering::Release);
+            slot.connection.space.notify_waiters();
+            did_work = true;
+        }
+    }
+    for _ in 0..BATCH {
+        if !slot.deferred.is_empty() {
+            break;
+        }
+        let received = slot
+            .receiver
+            .poll()
+            .map_err(|e| DisconnectReason::ProtocolViolation(e.to_string()))?;
+        match received {
+            Received::Nothing => break,
+            Received::Rejected { message_id, error } => {
+                did_work = true;
+                let code = match error {
+                    FrameError::UnsupportedVersion { .. } => ErrorCode::VersionMismatch,
+                    FrameError::TooLarge { .. } => ErrorCode::MessageTooLarge,
+                    _ => ErrorCode::Protocol,
+                };
+                send_error(&slot.connection, &mut slot.deferred, message_id, code, error.to_string())?;
+            }
+            Received::Message => {
+                did_work = true;
+                dispatch(shared, slot)?;
+            }
+        }
+    }
+    if slot.receiver.take_peer_waiting_for_space() {
+        slot.connection.segment.client_bell().ring();
+    }
+    Ok(did_work)
+}
+
+fn dispatch(shared: &Shared, slot: &mut Slot) -> Result<(), DisconnectReason> {
+    let violation = |why: String| DisconnectReason::ProtocolViolation(why);
+    let Slot {
+        connection,
+        receiver,
+        handshaken,
+        deferred,
+    } = slot;
+    let message = receiver.message();
+    let header = message.header;
+    let Some(message_type) = message.message_type() else {
+        return send_error(
+            connection,
+            deferred,
+            header.message_id,
+            ErrorCode::UnknownMessageType,
+            format!("unknown message type {}", header.message_type),
+        );
+    };
+    if !*handshaken {
+        if message_type != MessageType::Hello {
+            return Err(violation(format!("expected hello, got {}", message_type.name())));
+        }
+        let hello = message.decode_owned::<Hello>().map_err(|e| violation(e.to_string()))?;
+        handshake(shared, connection, deferred, hello)?;
+        *handshaken = true;
+        shared.connections.fetch_add(1, Ordering::AcqRel);
+        shared.handler.on_connect(connection);
+        return Ok(());
+    }
+    match message_type {
+        MessageType::Hello => Err(violation("second hello".into())),
+        MessageType::Ping => {
+            // Validate, then echo the payload bytes: Ping and Pong archive identically.
+            message.decode::<Ping>().map_err(|e| violation(e.to_string()))?;
+            queue_or_send(connection, deferred, MessageType::Pong.code(), header.message_id, message.payload)
+        }
+        MessageType::Credit => {
+            let credit = message.decode::<Credit>().map_err(|e| violation(e.to_string()))?;
+            connection.add_credit(credit.request_id.to_native(), credit.bytes.to_native());
+            Ok(())
+        }
+        MessageType::Goodbye => {
+            let reason = message
+                .decode::<Goodbye>()
+                .map(|g| g.reason.to_string())
+                .unwrap_or_default();
+            Err(DisconnectReason::Goodbye(reason))
+        }
+        _ => {
+            shared.handler.on_message(connection, &message);
+            Ok(())
+        }
+    }
+}
+
+fn handshake(
+    shared: &Shared,
+    connection: &ServerConnection,
+    deferred: &mut Deferred,
+    hello: Hello,
+) -> Result<(), DisconnectReason> {
+    let (c2s, s2c) = connection.segment.ring_sizes();
+    let refusal = if hello.protocol_version != PROTOCOL_VERSION {
+        Some((
+            ErrorCode::VersionMismatch,
+            format!(
+                "client speaks protocol version {}, engine {PROTOCOL_VERSION}; update both to the same release",
+                hello.protocol_version
+            ),
+        ))
+    } else if hello.generation != connection.generation
+        || hello.client_to_server_ring_bytes as usize != c2s
+        || hello.server_to_client_ring_bytes as usize != s2c
+    {
+        Some((ErrorCode::Protocol, "hello does not match the slot segment".to_owned()))
+    } else if connection.slot >= shared.options.max_connections {
+        Some((
+            ErrorCode::SlotLimit,
+            format!("the engine accepts at most {} connections", shared.options.max_connections),
+        ))
+    } else {
+        None
+    };
+    if let Some((code, message)) = refusal {
+        send_error(connection, deferred, 0, code, message.clone())?;
+        return Err(DisconnectReason::ProtocolViolation(message));
+    }
+    *connection.client_name.lock().unwrap_or_else(|p| p.into_inner()) = hello.client_name;
+    let ack = HelloAck {
+        protocol_version: PROTOCOL_VERSION,
+        slot: connection.slot,
+        server_pid: std::process::id(),
+        max_message_bytes: shared.options.max_message_bytes,
+        stream_window_bytes: shared.options.stream_window_bytes,
+        server_name: shared.options.server_name.clone(),
+    };
+    let payload = protocol::encode(&ack).map_err(|e| DisconnectReason::ProtocolViolation(e.to_string()))?;
+    queue_or_send(connection, deferred, MessageType::HelloAck.code(), 0, &payload)
+}
