@@ -33,6 +33,8 @@ pub enum TransportError {
     Ring(#[from] RingError),
     #[error("the engine refused the connection ({code:?}): {message}")]
     Rejected { code: ErrorCode, message: String },
+    #[error("{message} ({code:?})")]
+    Remote { code: ErrorCode, message: String },
     #[error("timed out {0}")]
     Timeout(&'static str),
     #[error("message of {len} bytes exceeds the limit of {max} bytes")]
@@ -57,7 +59,7 @@ impl TransportError {
             Self::ServerGone(_) | Self::NoServer(_) | Self::Closed(_) => ErrorCode::ServerGone,
             Self::Timeout(..) => ErrorCode::Timeout,
             Self::MessageTooLarge { .. } => ErrorCode::MessageTooLarge,
-            Self::Rejected { code, .. } => *code,
+            Self::Rejected { code, .. } | Self::Remote { code, .. } => *code,
             Self::Payload(_) => ErrorCode::InvalidPayload,
             Self::NoFreeSlot(_) => ErrorCode::SlotLimit,
             _ => ErrorCode::Protocol,

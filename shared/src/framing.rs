@@ -342,3 +342,105 @@ impl FrameReceiver {
         self.consumer.take_producer_waiting()
     }
 }
+
+/// A frame sender shared by async tasks: writes without blocking and awaits ring space when full.
+/// The thread that watches the peer (reactor or client pump) calls [`AsyncWriter::wake_if_space`].
+pub struct AsyncWriter {
+    sender: std::sync::Mutex<FrameSender>,
+    space: tokio::sync::Notify,
+    space_waiters: std::sync::atomic::AtomicBool,
+    timeout: std::time::Duration,
+}
+
+impl AsyncWriter {
+    pub fn new(sender: FrameSender, timeout: std::time::Duration) -> Self {
+        Self {
+            sender: std::sync::Mutex::new(sender),
+            space: tokio::sync::Notify::new(),
+            space_waiters: std::sync::atomic::AtomicBool::new(false),
+            timeout,
+        }
+    }
+
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, FrameSender> {
+        self.sender.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes a message that fits one fragment, or returns `Ok(false)` without waiting.
+    pub fn try_send(&self, message_type: u16, message_id: u64, payload: &[u8]) -> Result<bool, TransportError> {
+        let mut sender = self.lock();
+        if payload.len() > sender.max_fragment() {
+            return Ok(false);
+        }
+        let mut progress = 0;
+        sender.try_send(message_type, message_id, payload, &mut progress)
+    }
+
+    /// Sends `payload` (fragmenting it when large), awaiting ring space. `ring_peer` wakes the reader after
+    /// each write; `check_open` fails fast when the connection died.
+    pub async fn send(
+        &self,
+        message_type: u16,
+        message_id: u64,
+        payload: &[u8],
+        ring_peer: impl Fn(),
+        check_open: impl Fn() -> Result<(), TransportError>,
+    ) -> Result<(), TransportError> {
+        let mut progress = 0;
+        loop {
+            check_open()?;
+            let space = self.space.notified();
+            tokio::pin!(space);
+            {
+                let mut sender = self.lock();
+                let before = progress;
+                let done = sender.try_send(message_type, message_id, payload, &mut progress)?;
+                if done || progress != before {
+                    ring_peer();
+                }
+                if done {
+                    return Ok(());
+                }
+                // Full: register for the wake-up, announce it, then re-check so no wake-up is lost.
+                space.as_mut().enable();
+                self.space_waiters.store(true, std::sync::atomic::Ordering::SeqCst);
+                sender.set_waiting_for_space(true);
+                if sender.has_space_for(payload.len() - progress)? {
+                    continue;
+                }
+            }
+            if tokio::time::timeout(self.timeout, space).await.is_err() {
+                return Err(TransportError::Timeout("waiting for the peer to read (ring full)"));
+            }
+        }
+    }
+
+    /// True when a task waits for space and space is available now (cheap; never blocks on the lock).
+    pub fn space_wanted_and_available(&self) -> bool {
+        self.space_waiters.load(std::sync::atomic::Ordering::Relaxed)
+            && self
+                .sender
+                .try_lock()
+                .ok()
+                .and_then(|mut s| s.has_space_for(1).ok())
+                .unwrap_or(false)
+    }
+
+    /// Wakes tasks waiting for space if there is some. Returns true if it woke anyone.
+    pub fn wake_if_space(&self) -> bool {
+        if !self.space_waiters.load(std::sync::atomic::Ordering::Acquire) {
+            return false;
+        }
+        let has_space = self.lock().has_space_for(1).unwrap_or(true);
+        if has_space {
+            self.space_waiters.store(false, std::sync::atomic::Ordering::Release);
+            self.space.notify_waiters();
+        }
+        has_space
+    }
+
+    /// Wakes every waiter (the connection closed).
+    pub fn wake_all(&self) {
+        self.space.notify_waiters();
+    }
+}

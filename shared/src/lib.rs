@@ -4,6 +4,7 @@
 //! layouts), [`ring`] + [`doorbell`] (SPSC rings and wake-ups), [`protocol`] (frames and the message registry),
 //! [`framing`] (frames over rings), [`client`] / [`async_client`] / [`server`] (the two sides).
 
+pub mod async_client;
 pub mod client;
 pub mod doorbell;
 pub mod endpoint;
@@ -16,6 +17,7 @@ pub mod segment;
 pub mod server;
 mod sys;
 
+pub use async_client::{AsyncClient, ResponseStream, StreamEvent};
 pub use client::{Client, ClientOptions, ConnectionInfo};
 pub use endpoint::Endpoint;
 pub use error::TransportError;

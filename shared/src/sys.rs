@@ -161,13 +161,7 @@ impl Mapping {
         self.ptr.as_ptr()
     }
 
-    pub fn len(&self) -> usize {
-        self.len
-    }
 
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
 }
 
 impl Drop for Mapping {

@@ -3,17 +3,19 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
 
 use tokio::sync::Notify;
 
 use crate::error::TransportError;
-use crate::framing::FrameSender;
+use crate::framing::AsyncWriter;
 use crate::protocol::{
     self, ErrorCode, ErrorMessage, FinishReason, Message, MessageType, StreamChunk, StreamEnd,
     Usage,
 };
 use crate::segment::SlotSegment;
+
+/// How long a stream waits for the client to grant credit before giving up.
+const CREDIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Why a connection ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,16 +37,12 @@ pub struct ServerConnection {
     pub(crate) client_pid: u32,
     pub(crate) client_name: Mutex<String>,
     pub(crate) segment: Arc<SlotSegment>,
-    pub(crate) writer: Mutex<FrameSender>,
+    pub(crate) writer: AsyncWriter,
     pub(crate) closed: AtomicBool,
-    /// Signalled by the reactor when the client freed ring space or the connection closed.
-    pub(crate) space: Notify,
-    pub(crate) space_waiters: AtomicBool,
     /// Per-stream credit (bytes the client is ready to receive), keyed by request id.
     pub(crate) credits: Mutex<HashMap<u64, i64>>,
     pub(crate) credit_changed: Notify,
     pub(crate) stream_window: u32,
-    pub(crate) send_timeout: Duration,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -76,19 +74,19 @@ impl ServerConnection {
         TransportError::Closed(format!("client in slot {} is gone", self.slot))
     }
 
+    fn check_open(&self) -> Result<(), TransportError> {
+        if self.is_closed() {
+            Err(self.closed_error())
+        } else {
+            Ok(())
+        }
+    }
+
     /// Writes without waiting; `Ok(false)` when the ring is too full for the whole message right now.
     /// Only for messages that fit one fragment (used from the reactor thread, which must never block).
     pub fn try_send_raw(&self, message_type: u16, message_id: u64, payload: &[u8]) -> Result<bool, TransportError> {
-        if self.is_closed() {
-            return Err(self.closed_error());
-        }
-        let mut writer = lock(&self.writer);
-        if payload.len() > writer.max_fragment() {
-            return Ok(false);
-        }
-        let mut progress = 0;
-        let done = writer.try_send(message_type, message_id, payload, &mut progress)?;
-        drop(writer);
+        self.check_open()?;
+        let done = self.writer.try_send(message_type, message_id, payload)?;
         if done {
             self.segment.client_bell().ring();
         }
@@ -98,35 +96,15 @@ impl ServerConnection {
     /// Sends an encoded payload, awaiting ring space (never blocks a runtime thread). Large payloads are
     /// fragmented; other senders may interleave between fragments.
     pub async fn send_raw(&self, message_type: u16, message_id: u64, payload: &[u8]) -> Result<(), TransportError> {
-        let mut progress = 0;
-        loop {
-            if self.is_closed() {
-                return Err(self.closed_error());
-            }
-            let space = self.space.notified();
-            tokio::pin!(space);
-            {
-                let mut writer = lock(&self.writer);
-                let before = progress;
-                let done = writer.try_send(message_type, message_id, payload, &mut progress)?;
-                if done || progress != before {
-                    self.segment.client_bell().ring();
-                }
-                if done {
-                    return Ok(());
-                }
-                // Full: register for the wake-up first, announce it, then re-check so no wake-up is lost.
-                space.as_mut().enable();
-                self.space_waiters.store(true, Ordering::SeqCst);
-                writer.set_waiting_for_space(true);
-                if writer.has_space_for(payload.len() - progress)? {
-                    continue;
-                }
-            }
-            if tokio::time::timeout(self.send_timeout, space).await.is_err() {
-                return Err(TransportError::Timeout("waiting for the client to read (ring full)"));
-            }
-        }
+        self.writer
+            .send(
+                message_type,
+                message_id,
+                payload,
+                || self.segment.client_bell().ring(),
+                || self.check_open(),
+            )
+            .await
     }
 
     /// Encodes and sends one message.
@@ -168,7 +146,7 @@ impl ServerConnection {
 
     pub(crate) fn mark_closed(&self) {
         self.closed.store(true, Ordering::Release);
-        self.space.notify_waiters();
+        self.writer.wake_all();
         self.credit_changed.notify_waiters();
     }
 }
@@ -210,7 +188,7 @@ impl StreamSender {
             if credit > 0 {
                 break;
             }
-            if tokio::time::timeout(conn.send_timeout, changed).await.is_err() {
+            if tokio::time::timeout(CREDIT_TIMEOUT, changed).await.is_err() {
                 return Err(TransportError::Timeout("waiting for stream credit from the client"));
             }
         }

@@ -4,12 +4,13 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::Notify;
 
 use super::connection::{DisconnectReason, ServerConnection};
 use super::{Attach, Shared};
+use tokio::sync::Notify;
+
 use crate::doorbell::{self, SpinPolicy};
-use crate::framing::{FrameReceiver, FrameSender, Received};
+use crate::framing::{AsyncWriter, FrameReceiver, FrameSender, Received};
 use crate::protocol::{
     self, Credit, ErrorCode, ErrorMessage, FrameError, Goodbye, Hello, HelloAck, MessageType,
     Ping, PROTOCOL_VERSION,
@@ -69,15 +70,14 @@ fn ready(slot: &Slot) -> bool {
     if slot.deferred.is_empty() && slot.receiver.has_data() {
         return true;
     }
-    let wants_space = !slot.deferred.is_empty() || slot.connection.space_waiters.load(Ordering::Relaxed);
-    wants_space
-        && slot
-            .connection
-            .writer
-            .try_lock()
-            .ok()
-            .and_then(|mut w| w.has_space_for(1).ok())
-            .unwrap_or(false)
+    let writer = &slot.connection.writer;
+    if !slot.deferred.is_empty() {
+        return writer
+            .lock()
+            .has_space_for(slot.deferred.front().map_or(1, |d| d.2.len()))
+            .unwrap_or(true);
+    }
+    writer.space_wanted_and_available()
 }
 
 fn take_inbox(shared: &Shared, slots: &mut Vec<Slot>) {
@@ -102,14 +102,11 @@ fn take_inbox(shared: &Shared, slots: &mut Vec<Slot>) {
             client_pid: segment.client_pid(),
             client_name: Mutex::new(String::new()),
             segment: Arc::clone(&segment),
-            writer: Mutex::new(FrameSender::new(producer)),
+            writer: AsyncWriter::new(FrameSender::new(producer), shared.options.send_timeout),
             closed: AtomicBool::new(false),
-            space: Notify::new(),
-            space_waiters: AtomicBool::new(false),
             credits: Mutex::new(HashMap::new()),
             credit_changed: Notify::new(),
             stream_window: shared.options.stream_window_bytes,
-            send_timeout: shared.options.send_timeout,
         });
         tracing::debug!(slot, pid = segment.client_pid(), "slot attached");
         slots.push(Slot {
@@ -164,7 +161,7 @@ fn queue_or_send(
         }
     }
     deferred.push_back((message_type, message_id, payload.to_vec()));
-    connection.writer.lock().unwrap_or_else(|p| p.into_inner()).set_waiting_for_space(true);
+    connection.writer.lock().set_waiting_for_space(true);
     Ok(())
 }
 
@@ -193,20 +190,7 @@ fn service(shared: &Shared, slot: &mut Slot) -> Result<bool, DisconnectReason> {
             Err(e) => return Err(DisconnectReason::ProtocolViolation(e.to_string())),
         }
     }
-    if slot.connection.space_waiters.load(Ordering::Acquire) {
-        let has_space = slot
-            .connection
-            .writer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .has_space_for(1)
-            .unwrap_or(true);
-        if has_space {
-            slot.connection.space_waiters.store(false, Ordering::Release);
-            slot.connection.space.notify_waiters();
-            did_work = true;
-        }
-    }
+    did_work |= slot.connection.writer.wake_if_space();
     for _ in 0..BATCH {
         if !slot.deferred.is_empty() {
             break;
