@@ -45,6 +45,8 @@ struct Inner {
     /// Why the connection is unusable, once it is.
     failure: Mutex<Option<String>>,
     failed: AtomicBool,
+    /// Fired once when the connection fails.
+    failed_signal: tokio::sync::watch::Sender<bool>,
     stop: AtomicBool,
     slot_lock: Mutex<Option<HeldLock>>,
     segment: SlotSegment,
@@ -71,6 +73,7 @@ impl Inner {
             }
         }
         self.failed.store(true, Ordering::Release);
+        self.failed_signal.send_replace(true);
         for (_, route) in lock(&self.routes).drain() {
             let _ = route.send(Incoming::Failed(error()));
         }
@@ -209,6 +212,7 @@ impl AsyncClient {
             routes: Mutex::new(HashMap::new()),
             failure: Mutex::new(None),
             failed: AtomicBool::new(false),
+            failed_signal: tokio::sync::watch::channel(false).0,
             stop: AtomicBool::new(false),
             slot_lock: Mutex::new(slot_lock),
             segment,
@@ -239,6 +243,17 @@ impl AsyncClient {
     /// False once the engine died, closed the connection, or the protocol broke.
     pub fn is_alive(&self) -> bool {
         !self.inner().failed.load(Ordering::Acquire)
+    }
+
+    /// Resolves when the connection has failed (engine gone, closed, protocol error).
+    pub async fn failed(&self) {
+        let mut signal = self.inner().failed_signal.subscribe();
+        let _ = signal.wait_for(|failed| *failed).await;
+    }
+
+    /// Why the connection failed, once it has.
+    pub fn failure(&self) -> Option<String> {
+        lock(&self.inner().failure).clone()
     }
 
     /// Starts a request (completion, chat, ...) and returns its response stream.

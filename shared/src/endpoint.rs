@@ -58,6 +58,11 @@ impl Endpoint {
         &self.dir
     }
 
+    /// The rendezvous root this endpoint lives in.
+    pub fn root(&self) -> &Path {
+        self.dir.parent().unwrap_or(Path::new("/"))
+    }
+
     pub fn engine_lock_path(&self) -> PathBuf {
         self.dir.join("engine.lock")
     }

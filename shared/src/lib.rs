@@ -12,14 +12,17 @@ pub mod error;
 pub mod framing;
 pub mod lockfile;
 pub mod protocol;
+pub mod reconnect;
 pub mod ring;
 pub mod segment;
 pub mod server;
 mod sys;
+pub mod testing;
 
 pub use async_client::{AsyncClient, ResponseStream, StreamEvent};
 pub use client::{Client, ClientOptions, ConnectionInfo};
 pub use endpoint::Endpoint;
+pub use reconnect::{wait_for_engine, EngineStarter, ReconnectingClient};
 pub use error::TransportError;
 pub use framing::ReceivedMessage;
 pub use server::{DisconnectReason, Server, ServerConnection, ServerHandler, ServerOptions, StreamSender};

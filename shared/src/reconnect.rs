@@ -1,0 +1,191 @@
+//! Staying connected: wait for an engine to become ready, start one if allowed, reconnect after it restarts.
+
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use inotify::{Inotify, WatchMask};
+
+use crate::async_client::{AsyncClient, ResponseStream};
+use crate::client::{ClientOptions, EngineLink};
+use crate::endpoint::Endpoint;
+use crate::error::TransportError;
+use crate::protocol::Message;
+
+/// Blocks until an engine serves `endpoint` (its lock is held and its page published) or `timeout` passes.
+/// Event-driven: inotify on the rendezvous directory wakes it when the engine writes its pid.
+pub fn wait_for_engine(endpoint: &Endpoint, timeout: Duration) -> Result<(), TransportError> {
+    endpoint.ensure_dirs()?;
+    let inotify = Inotify::init().map_err(|e| TransportError::io("initialising inotify", e))?;
+    inotify
+        .watches()
+        .add(
+            endpoint.dir(),
+            WatchMask::CREATE | WatchMask::MODIFY | WatchMask::CLOSE_WRITE | WatchMask::MOVED_TO,
+        )
+        .map_err(|e| TransportError::io(format!("watching {}", endpoint.dir().display()), e))?;
+    let deadline = Instant::now() + timeout;
+    let mut buffer = [0u8; 4096];
+    let mut inotify = inotify;
+    loop {
+        if EngineLink::open(endpoint).is_ok() {
+            return Ok(());
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(TransportError::NoServer(endpoint.name().to_owned()));
+        }
+        // Events wake us at once; the bounded sleep only guards against a missed event.
+        let wait = (deadline - now).min(Duration::from_millis(250));
+        let mut fd = libc::pollfd {
+            fd: inotify.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        unsafe { libc::poll(&mut fd, 1, wait.as_millis() as libc::c_int) };
+        let _ = inotify.read_events(&mut buffer);
+    }
+}
+
+/// Starts an engine for an endpoint (e.g. spawns `ai-engine serve --detach`). Called at most once per attempt.
+pub type EngineStarter = Arc<dyn Fn(&Endpoint) -> std::io::Result<()> + Send + Sync>;
+
+/// A client that reconnects by itself: after the engine dies it waits for the next one and reconnects as soon
+/// as it is ready (in the background), and on demand it can start an engine.
+pub struct ReconnectingClient {
+    endpoint: Endpoint,
+    options: ClientOptions,
+    starter: Option<EngineStarter>,
+    /// How long one request waits for an engine to appear.
+    ready_timeout: Duration,
+    current: Arc<tokio::sync::Mutex<Option<AsyncClient>>>,
+    connected: Arc<tokio::sync::Notify>,
+    watcher: tokio::task::JoinHandle<()>,
+}
+
+impl ReconnectingClient {
+    /// Must be created inside a tokio runtime.
+    pub fn new(endpoint: Endpoint, options: ClientOptions, starter: Option<EngineStarter>, ready_timeout: Duration) -> Self {
+        let current: Arc<tokio::sync::Mutex<Option<AsyncClient>>> = Arc::new(tokio::sync::Mutex::new(None));
+        let connected = Arc::new(tokio::sync::Notify::new());
+        let watcher = tokio::spawn(watch_and_reconnect(
+            endpoint.clone(),
+            options.clone(),
+            Arc::clone(&current),
+            Arc::clone(&connected),
+        ));
+        Self {
+            endpoint,
+            options,
+            starter,
+            ready_timeout,
+            current,
+            connected,
+            watcher,
+        }
+    }
+
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// The live connection, connecting (and starting the engine if allowed) when there is none.
+    pub async fn client(&self) -> Result<AsyncClient, TransportError> {
+        let mut current = self.current.lock().await;
+        if let Some(client) = current.as_ref().filter(|c| c.is_alive()) {
+            return Ok(client.clone());
+        }
+        *current = None;
+        let client = self.connect_fresh().await?;
+        *current = Some(client.clone());
+        self.connected.notify_one();
+        Ok(client)
+    }
+
+    /// The connection if one is up right now (no connecting).
+    pub async fn current(&self) -> Option<AsyncClient> {
+        self.current.lock().await.as_ref().filter(|c| c.is_alive()).cloned()
+    }
+
+    async fn connect_fresh(&self) -> Result<AsyncClient, TransportError> {
+        let deadline = Instant::now() + self.ready_timeout;
+        let mut started = false;
+        loop {
+            match AsyncClient::connect(&self.endpoint, self.options.clone()).await {
+                Ok(client) => return Ok(client),
+                Err(TransportError::NoServer(_) | TransportError::ServerGone(_) | TransportError::Closed(_))
+                    if Instant::now() < deadline =>
+                {
+                    if !started {
+                        if let Some(starter) = &self.starter {
+                            started = true;
+                            let starter = Arc::clone(starter);
+                            let endpoint = self.endpoint.clone();
+                            tokio::task::spawn_blocking(move || starter(&endpoint))
+                                .await
+                                .map_err(|e| TransportError::Closed(e.to_string()))?
+                                .map_err(|e| TransportError::io("starting the engine", e))?;
+                        }
+                    }
+                    let endpoint = self.endpoint.clone();
+                    let remaining = deadline.saturating_duration_since(Instant::now());
+                    tokio::task::spawn_blocking(move || wait_for_engine(&endpoint, remaining))
+                        .await
+                        .map_err(|e| TransportError::Closed(e.to_string()))??;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Sends a request on the live connection (connecting first if needed).
+    pub async fn request<M: Message>(&self, message: &M) -> Result<ResponseStream, TransportError> {
+        self.client().await?.request(message).await
+    }
+}
+
+impl Drop for ReconnectingClient {
+    fn drop(&mut self) {
+        self.watcher.abort();
+    }
+}
+
+/// Background task: whenever the current connection fails, wait for the next engine and reconnect at once.
+async fn watch_and_reconnect(
+    endpoint: Endpoint,
+    options: ClientOptions,
+    current: Arc<tokio::sync::Mutex<Option<AsyncClient>>>,
+    connected: Arc<tokio::sync::Notify>,
+) {
+    loop {
+        let client = current.lock().await.clone().filter(AsyncClient::is_alive);
+        let Some(client) = client else {
+            // Nothing to watch until a connection exists.
+            connected.notified().await;
+            continue;
+        };
+        client.failed().await;
+        drop(client);
+        let waiting_for = endpoint.clone();
+        let ready =
+            tokio::task::spawn_blocking(move || wait_for_engine(&waiting_for, Duration::from_secs(24 * 3600))).await;
+        if !matches!(ready, Ok(Ok(()))) {
+            continue;
+        }
+        let mut slot = current.lock().await;
+        if slot.as_ref().is_some_and(AsyncClient::is_alive) {
+            continue;
+        }
+        match AsyncClient::connect(&endpoint, options.clone()).await {
+            Ok(fresh) => {
+                tracing::info!(endpoint = endpoint.name(), "reconnected to the engine");
+                *slot = Some(fresh);
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "reconnect attempt failed");
+                *slot = None;
+            }
+        }
+    }
+}
