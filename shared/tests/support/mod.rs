@@ -78,3 +78,71 @@ pub fn wait_until(secs: f64, mut f: impl FnMut() -> bool) -> bool {
     }
     f()
 }
+
+/// A child process (the `transport-peer` binary) killed and reaped on drop.
+pub struct Peer {
+    pub child: std::process::Child,
+    pub stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Peer {
+    fn spawn(ep: &TestEndpoint, role: &str) -> Self {
+        use std::process::{Command, Stdio};
+        let mut child = Command::new(env!("CARGO_BIN_EXE_transport-peer"))
+            .args(["--endpoint", ep.endpoint.name(), "--root"])
+            .arg(ep.endpoint.root())
+            .arg(role)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawning transport-peer");
+        let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        Self { child, stdout }
+    }
+
+    /// Starts a scripted server process and waits for its `ready` line.
+    pub fn server(ep: &TestEndpoint) -> Self {
+        let mut peer = Self::spawn(ep, "serve");
+        let line = peer.read_line();
+        assert!(line.starts_with("ready"), "server said {line:?}");
+        peer
+    }
+
+    /// Starts a client process streaming forever; returns once it received its first chunk.
+    pub fn streaming_client(ep: &TestEndpoint) -> Self {
+        let mut peer = Self::spawn(ep, "stream-forever");
+        let line = peer.read_line();
+        assert_eq!(line.trim(), "streaming");
+        peer
+    }
+
+    pub fn read_line(&mut self) -> String {
+        use std::io::BufRead;
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        line
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Closes stdin (a server then shuts down gracefully) and waits for exit.
+    pub fn stop_gracefully(mut self) -> std::process::ExitStatus {
+        drop(self.child.stdin.take());
+        let status = self.child.wait().unwrap();
+        std::mem::forget(self);
+        status
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
