@@ -80,7 +80,12 @@ impl Inner {
         self.writer.wake_all();
     }
 
-    async fn send_raw(&self, message_type: u16, message_id: u64, payload: &[u8]) -> Result<(), TransportError> {
+    async fn send_raw(
+        &self,
+        message_type: u16,
+        message_id: u64,
+        payload: &[u8],
+    ) -> Result<(), TransportError> {
         let max = self.info.max_message_bytes as usize;
         if payload.len() > max {
             return Err(TransportError::MessageTooLarge {
@@ -89,13 +94,22 @@ impl Inner {
             });
         }
         self.writer
-            .send(message_type, message_id, payload, || self.engine.ring(), || self.check_open())
+            .send(
+                message_type,
+                message_id,
+                payload,
+                || self.engine.ring(),
+                || self.check_open(),
+            )
             .await
     }
 
     fn route(&self, message: &ReceivedMessage<'_>) {
         let Some(message_type) = message.message_type() else {
-            tracing::warn!(code = message.header.message_type, "engine sent an unknown message type");
+            tracing::warn!(
+                code = message.header.message_type,
+                "engine sent an unknown message type"
+            );
             return;
         };
         let id = message.id();
@@ -153,7 +167,9 @@ impl Drop for Handle {
             if let Ok(bytes) = protocol::encode(&Goodbye {
                 reason: "client closed".into(),
             }) {
-                let _ = inner.writer.try_send(MessageType::Goodbye.code(), 0, &bytes);
+                let _ = inner
+                    .writer
+                    .try_send(MessageType::Goodbye.code(), 0, &bytes);
                 inner.engine.ring();
             }
         }
@@ -173,14 +189,20 @@ pub struct AsyncClient {
 /// One event of a response stream.
 #[derive(Debug, Clone, PartialEq)]
 pub enum StreamEvent {
-    Chunk { sequence: u32, text: String },
+    Chunk {
+        sequence: u32,
+        text: String,
+    },
     /// Terminal: the stream ended (its `finish_reason` says whether it was cancelled).
     End(StreamEnd),
 }
 
 impl AsyncClient {
     /// Connects without blocking the runtime (the handshake runs on a blocking thread).
-    pub async fn connect(endpoint: &Endpoint, options: ClientOptions) -> Result<Self, TransportError> {
+    pub async fn connect(
+        endpoint: &Endpoint,
+        options: ClientOptions,
+    ) -> Result<Self, TransportError> {
         let endpoint = endpoint.clone();
         tokio::task::spawn_blocking(move || Self::connect_blocking(&endpoint, options))
             .await
@@ -188,7 +210,10 @@ impl AsyncClient {
     }
 
     /// Connects from a non-async context.
-    pub fn connect_blocking(endpoint: &Endpoint, options: ClientOptions) -> Result<Self, TransportError> {
+    pub fn connect_blocking(
+        endpoint: &Endpoint,
+        options: ClientOptions,
+    ) -> Result<Self, TransportError> {
         let client = Client::connect(endpoint, options)?;
         Self::from_parts(client.into_parts())
     }
@@ -205,7 +230,12 @@ impl AsyncClient {
         } = parts;
         let inner = Arc::new(Inner {
             engine,
-            writer: AsyncWriter::new(sender, options.connect_timeout.max(std::time::Duration::from_secs(30))),
+            writer: AsyncWriter::new(
+                sender,
+                options
+                    .connect_timeout
+                    .max(std::time::Duration::from_secs(30)),
+            ),
             info,
             options,
             next_id: AtomicU64::new(1),
@@ -283,8 +313,9 @@ impl AsyncClient {
     pub async fn call<M: Message, R>(&self, message: &M) -> Result<R, TransportError>
     where
         R: Message,
-        R::Archived: for<'b> rkyv::bytecheck::CheckBytes<rkyv::api::high::HighValidator<'b, rkyv::rancor::Error>>
-            + rkyv::Deserialize<R, rkyv::api::high::HighDeserializer<rkyv::rancor::Error>>,
+        R::Archived: for<'b> rkyv::bytecheck::CheckBytes<
+                rkyv::api::high::HighValidator<'b, rkyv::rancor::Error>,
+            > + rkyv::Deserialize<R, rkyv::api::high::HighDeserializer<rkyv::rancor::Error>>,
     {
         let mut stream = self.request(message).await?;
         let reply = stream.rx.recv().await;
@@ -369,7 +400,11 @@ impl ResponseStream {
         Some(result)
     }
 
-    async fn interpret(&mut self, message_type: MessageType, payload: &AlignedVec) -> Result<StreamEvent, TransportError> {
+    async fn interpret(
+        &mut self,
+        message_type: MessageType,
+        payload: &AlignedVec,
+    ) -> Result<StreamEvent, TransportError> {
         match message_type {
             MessageType::StreamChunk => {
                 let chunk = protocol::decode::<StreamChunk>(payload)?;
@@ -422,7 +457,9 @@ impl ResponseStream {
 
     /// Asks the engine to stop; keep reading to see the terminal event (usually `End` with `Cancelled`).
     pub async fn cancel(&self) -> Result<(), TransportError> {
-        let payload = protocol::encode(&Cancel { request_id: self.id })?;
+        let payload = protocol::encode(&Cancel {
+            request_id: self.id,
+        })?;
         self.client
             .inner()
             .send_raw(MessageType::Cancel.code(), self.id, &payload)
@@ -437,8 +474,15 @@ impl Drop for ResponseStream {
         }
         let inner = self.client.inner();
         lock(&inner.routes).remove(&self.id);
-        if let Ok(payload) = protocol::encode(&Cancel { request_id: self.id }) {
-            if matches!(inner.writer.try_send(MessageType::Cancel.code(), self.id, &payload), Ok(true)) {
+        if let Ok(payload) = protocol::encode(&Cancel {
+            request_id: self.id,
+        }) {
+            if matches!(
+                inner
+                    .writer
+                    .try_send(MessageType::Cancel.code(), self.id, &payload),
+                Ok(true)
+            ) {
                 inner.engine.ring();
             }
         }

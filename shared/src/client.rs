@@ -188,7 +188,9 @@ impl ClientParts {
         let bytes = crate::protocol::encode(&hello)?;
         let mut progress = 0;
         if !sender.try_send(MessageType::Hello.code(), 0, &bytes, &mut progress)? {
-            return Err(TransportError::Protocol("hello does not fit the ring".into()));
+            return Err(TransportError::Protocol(
+                "hello does not fit the ring".into(),
+            ));
         }
         // Announce the generation: the engine's inotify watch sees this write and attaches.
         let announcement = format!("{:016x}\n", segment.generation());
@@ -196,7 +198,11 @@ impl ClientParts {
             .file()
             .write_all_at(announcement.as_bytes(), 0)
             .map_err(|e| TransportError::io("announcing the slot", e))?;
-        tracing::debug!(slot, shm = shm_name, "slot announced, waiting for hello-ack");
+        tracing::debug!(
+            slot,
+            shm = shm_name,
+            "slot announced, waiting for hello-ack"
+        );
 
         let deadline = Instant::now() + options.connect_timeout;
         let mut spin = SpinPolicy::new(options.max_spin);
@@ -207,11 +213,15 @@ impl ClientParts {
                 Received::Nothing => {}
             }
             if segment.server_closed() {
-                return Err(TransportError::Closed("the engine closed the connection during the handshake".into()));
+                return Err(TransportError::Closed(
+                    "the engine closed the connection during the handshake".into(),
+                ));
             }
             let now = Instant::now();
             if now >= deadline {
-                return Err(TransportError::Timeout("waiting for the engine's hello-ack"));
+                return Err(TransportError::Timeout(
+                    "waiting for the engine's hello-ack",
+                ));
             }
             let wait = (deadline - now).min(options.liveness_interval);
             if doorbell::wait_on(segment.client_bell(), &mut spin, wait, || {
@@ -349,9 +359,21 @@ impl Client {
     }
 
     /// Encodes and sends one message, waiting for ring space up to `timeout`.
-    pub fn send<M: Message>(&mut self, message_id: u64, message: &M, timeout: Duration) -> Result<(), TransportError> {
+    pub fn send<M: Message>(
+        &mut self,
+        message_id: u64,
+        message: &M,
+        timeout: Duration,
+    ) -> Result<(), TransportError> {
         let payload = self.encoder.encode(message)?;
-        send_blocking(&mut self.parts, &mut self.spin, M::TYPE.code(), message_id, payload, timeout)
+        send_blocking(
+            &mut self.parts,
+            &mut self.spin,
+            M::TYPE.code(),
+            message_id,
+            payload,
+            timeout,
+        )
     }
 
     /// Sends an already-encoded payload.
@@ -362,7 +384,14 @@ impl Client {
         payload: &[u8],
         timeout: Duration,
     ) -> Result<(), TransportError> {
-        send_blocking(&mut self.parts, &mut self.spin, message_type, message_id, payload, timeout)
+        send_blocking(
+            &mut self.parts,
+            &mut self.spin,
+            message_type,
+            message_id,
+            payload,
+            timeout,
+        )
     }
 
     /// Waits up to `timeout` for the next complete message.
@@ -386,8 +415,33 @@ impl Client {
             if parts.receiver.take_peer_waiting_for_space() {
                 parts.engine.ring();
             }
-            wait_step(parts, &mut self.spin, deadline, "waiting for a message", |p| p.receiver.has_data())?;
+            wait_step(
+                parts,
+                &mut self.spin,
+                deadline,
+                "waiting for a message",
+                |p| p.receiver.has_data(),
+            )?;
         }
+    }
+
+    /// Test hook: publishes a raw record (any bytes) into the client-to-engine ring.
+    #[cfg(feature = "test-hooks")]
+    pub fn hostile_write_record(&mut self, bytes: &[u8]) {
+        let written = self
+            .parts
+            .sender
+            .raw_producer()
+            .try_write(bytes.len(), |out| out.copy_from_slice(bytes));
+        assert!(matches!(written, Ok(true)), "hostile record did not fit");
+        self.parts.engine.ring();
+    }
+
+    /// Test hook: overwrites the published tail index of the client-to-engine ring.
+    #[cfg(feature = "test-hooks")]
+    pub fn hostile_set_tail(&mut self, tail: u64) {
+        self.parts.segment.hostile_set_client_to_server_tail(tail);
+        self.parts.engine.ring();
     }
 
     /// Closes gracefully (goodbye, slot released). Also done on drop.
@@ -418,7 +472,9 @@ fn wait_step(
     ready: impl Fn(&ClientParts) -> bool,
 ) -> Result<(), TransportError> {
     if parts.segment.server_closed() {
-        return Err(TransportError::Closed("the engine closed this connection".into()));
+        return Err(TransportError::Closed(
+            "the engine closed this connection".into(),
+        ));
     }
     let now = Instant::now();
     if now >= deadline {
@@ -444,13 +500,18 @@ fn send_blocking(
 ) -> Result<(), TransportError> {
     let max = parts.info.max_message_bytes as usize;
     if payload.len() > max {
-        return Err(TransportError::MessageTooLarge { len: payload.len(), max });
+        return Err(TransportError::MessageTooLarge {
+            len: payload.len(),
+            max,
+        });
     }
     let deadline = Instant::now() + timeout;
     let mut progress = 0;
     loop {
         let before = progress;
-        let done = parts.sender.try_send(message_type, message_id, payload, &mut progress)?;
+        let done = parts
+            .sender
+            .try_send(message_type, message_id, payload, &mut progress)?;
         if progress != before || done {
             parts.engine.ring();
         }

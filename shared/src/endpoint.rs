@@ -89,7 +89,10 @@ impl Endpoint {
     pub fn parse_shm_name(&self, name: &str) -> Option<(u32, u64)> {
         let rest = name.strip_prefix(&self.shm_prefix())?;
         let (slot, generation) = rest.split_once('-')?;
-        Some((slot.parse().ok()?, u64::from_str_radix(generation, 16).ok()?))
+        Some((
+            slot.parse().ok()?,
+            u64::from_str_radix(generation, 16).ok()?,
+        ))
     }
 
     /// Creates the rendezvous directories (0700) or verifies existing ones belong to us and are private.
@@ -124,8 +127,9 @@ pub fn ensure_private_dir(dir: &Path) -> Result<(), TransportError> {
     match fs::DirBuilder::new().mode(0o700).create(dir) {
         Ok(()) => {
             // The umask may have removed bits we want; make the mode exact.
-            fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
-                .map_err(|e| TransportError::io(format!("setting permissions of {}", dir.display()), e))?;
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(|e| {
+                TransportError::io(format!("setting permissions of {}", dir.display()), e)
+            })?;
         }
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(TransportError::io(format!("creating {}", dir.display()), e)),

@@ -19,7 +19,8 @@ pub struct FrameSender {
 impl FrameSender {
     pub fn new(producer: RingProducer) -> Self {
         let capacity = producer.capacity();
-        let max_fragment = (capacity / 4).min(ring::max_record_payload(capacity)) - FRAME_HEADER_LEN;
+        let max_fragment =
+            (capacity / 4).min(ring::max_record_payload(capacity)) - FRAME_HEADER_LEN;
         Self {
             producer,
             max_fragment,
@@ -30,8 +31,9 @@ impl FrameSender {
         self.max_fragment
     }
 
-    pub fn producer(&self) -> &RingProducer {
-        &self.producer
+    #[cfg(feature = "test-hooks")]
+    pub(crate) fn raw_producer(&mut self) -> &mut RingProducer {
+        &mut self.producer
     }
 
     /// Writes as many fragments of `payload` as fit, starting at `*progress` bytes already sent. Returns true
@@ -235,7 +237,11 @@ impl FrameReceiver {
                 }
                 .into());
             }
-            let header = match FrameHeader::verify_parts(&header_bytes, &self.frame_payload, self.max_message) {
+            let header = match FrameHeader::verify_parts(
+                &header_bytes,
+                &self.frame_payload,
+                self.max_message,
+            ) {
                 Ok(h) => h,
                 Err(e) if e.is_fatal() => return Err(e.into()),
                 Err(e) => {
@@ -367,7 +373,12 @@ impl AsyncWriter {
     }
 
     /// Writes a message that fits one fragment, or returns `Ok(false)` without waiting.
-    pub fn try_send(&self, message_type: u16, message_id: u64, payload: &[u8]) -> Result<bool, TransportError> {
+    pub fn try_send(
+        &self,
+        message_type: u16,
+        message_id: u64,
+        payload: &[u8],
+    ) -> Result<bool, TransportError> {
         let mut sender = self.lock();
         if payload.len() > sender.max_fragment() {
             return Ok(false);
@@ -403,21 +414,25 @@ impl AsyncWriter {
                 }
                 // Full: register for the wake-up, announce it, then re-check so no wake-up is lost.
                 space.as_mut().enable();
-                self.space_waiters.store(true, std::sync::atomic::Ordering::SeqCst);
+                self.space_waiters
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
                 sender.set_waiting_for_space(true);
                 if sender.has_space_for(payload.len() - progress)? {
                     continue;
                 }
             }
             if tokio::time::timeout(self.timeout, space).await.is_err() {
-                return Err(TransportError::Timeout("waiting for the peer to read (ring full)"));
+                return Err(TransportError::Timeout(
+                    "waiting for the peer to read (ring full)",
+                ));
             }
         }
     }
 
     /// True when a task waits for space and space is available now (cheap; never blocks on the lock).
     pub fn space_wanted_and_available(&self) -> bool {
-        self.space_waiters.load(std::sync::atomic::Ordering::Relaxed)
+        self.space_waiters
+            .load(std::sync::atomic::Ordering::Relaxed)
             && self
                 .sender
                 .try_lock()
@@ -428,12 +443,16 @@ impl AsyncWriter {
 
     /// Wakes tasks waiting for space if there is some. Returns true if it woke anyone.
     pub fn wake_if_space(&self) -> bool {
-        if !self.space_waiters.load(std::sync::atomic::Ordering::Acquire) {
+        if !self
+            .space_waiters
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
             return false;
         }
         let has_space = self.lock().has_space_for(1).unwrap_or(true);
         if has_space {
-            self.space_waiters.store(false, std::sync::atomic::Ordering::Release);
+            self.space_waiters
+                .store(false, std::sync::atomic::Ordering::Release);
             self.space.notify_waiters();
         }
         has_space

@@ -22,7 +22,9 @@ pub mod testing;
 pub use async_client::{AsyncClient, ResponseStream, StreamEvent};
 pub use client::{Client, ClientOptions, ConnectionInfo};
 pub use endpoint::Endpoint;
-pub use reconnect::{wait_for_engine, EngineStarter, ReconnectingClient};
 pub use error::TransportError;
 pub use framing::ReceivedMessage;
-pub use server::{DisconnectReason, Server, ServerConnection, ServerHandler, ServerOptions, StreamSender};
+pub use reconnect::{wait_for_engine, EngineStarter, ReconnectingClient};
+pub use server::{
+    DisconnectReason, Server, ServerConnection, ServerHandler, ServerOptions, StreamSender,
+};

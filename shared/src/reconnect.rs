@@ -66,8 +66,14 @@ pub struct ReconnectingClient {
 
 impl ReconnectingClient {
     /// Must be created inside a tokio runtime.
-    pub fn new(endpoint: Endpoint, options: ClientOptions, starter: Option<EngineStarter>, ready_timeout: Duration) -> Self {
-        let current: Arc<tokio::sync::Mutex<Option<AsyncClient>>> = Arc::new(tokio::sync::Mutex::new(None));
+    pub fn new(
+        endpoint: Endpoint,
+        options: ClientOptions,
+        starter: Option<EngineStarter>,
+        ready_timeout: Duration,
+    ) -> Self {
+        let current: Arc<tokio::sync::Mutex<Option<AsyncClient>>> =
+            Arc::new(tokio::sync::Mutex::new(None));
         let connected = Arc::new(tokio::sync::Notify::new());
         let watcher = tokio::spawn(watch_and_reconnect(
             endpoint.clone(),
@@ -105,7 +111,12 @@ impl ReconnectingClient {
 
     /// The connection if one is up right now (no connecting).
     pub async fn current(&self) -> Option<AsyncClient> {
-        self.current.lock().await.as_ref().filter(|c| c.is_alive()).cloned()
+        self.current
+            .lock()
+            .await
+            .as_ref()
+            .filter(|c| c.is_alive())
+            .cloned()
     }
 
     async fn connect_fresh(&self) -> Result<AsyncClient, TransportError> {
@@ -114,9 +125,11 @@ impl ReconnectingClient {
         loop {
             match AsyncClient::connect(&self.endpoint, self.options.clone()).await {
                 Ok(client) => return Ok(client),
-                Err(TransportError::NoServer(_) | TransportError::ServerGone(_) | TransportError::Closed(_))
-                    if Instant::now() < deadline =>
-                {
+                Err(
+                    TransportError::NoServer(_)
+                    | TransportError::ServerGone(_)
+                    | TransportError::Closed(_),
+                ) if Instant::now() < deadline => {
                     if !started {
                         if let Some(starter) = &self.starter {
                             started = true;
@@ -168,8 +181,10 @@ async fn watch_and_reconnect(
         client.failed().await;
         drop(client);
         let waiting_for = endpoint.clone();
-        let ready =
-            tokio::task::spawn_blocking(move || wait_for_engine(&waiting_for, Duration::from_secs(24 * 3600))).await;
+        let ready = tokio::task::spawn_blocking(move || {
+            wait_for_engine(&waiting_for, Duration::from_secs(24 * 3600))
+        })
+        .await;
         if !matches!(ready, Ok(Ok(()))) {
             continue;
         }

@@ -35,7 +35,9 @@ pub struct RingIndices {
 /// A ring invariant the peer violated; the connection must be closed.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RingError {
-    #[error("peer published an impossible {which} index {value} (ours {ours}, capacity {capacity})")]
+    #[error(
+        "peer published an impossible {which} index {value} (ours {ours}, capacity {capacity})"
+    )]
     BadIndex {
         which: &'static str,
         value: u64,
@@ -123,7 +125,11 @@ impl RingProducer {
 
     /// Writes one record of `len` bytes filled by `fill` and publishes it. Returns `Ok(false)` when the ring is
     /// currently too full (nothing written).
-    pub fn try_write(&mut self, len: usize, fill: impl FnOnce(&mut [u8])) -> Result<bool, RingError> {
+    pub fn try_write(
+        &mut self,
+        len: usize,
+        fill: impl FnOnce(&mut [u8]),
+    ) -> Result<bool, RingError> {
         if len > max_record_payload(self.capacity as usize) {
             return Err(RingError::RecordTooLarge {
                 len,
@@ -144,7 +150,13 @@ impl RingProducer {
         let mut tail = self.tail;
         if padding > 0 {
             // SAFETY: offset + 8 <= capacity (records are 8-aligned), the bytes are free (checked above).
-            unsafe { self.write_record_header(offset, (padding as usize - RECORD_HEADER_LEN) as u32, KIND_PADDING) };
+            unsafe {
+                self.write_record_header(
+                    offset,
+                    (padding as usize - RECORD_HEADER_LEN) as u32,
+                    KIND_PADDING,
+                )
+            };
             tail += padding;
         }
         let offset = tail & (self.capacity - 1);
@@ -170,7 +182,11 @@ impl RingProducer {
         header[4..].copy_from_slice(&kind.to_le_bytes());
         // SAFETY: caller guarantees offset + 8 <= capacity.
         unsafe {
-            std::ptr::copy_nonoverlapping(header.as_ptr(), self.data.add(offset as usize), RECORD_HEADER_LEN)
+            std::ptr::copy_nonoverlapping(
+                header.as_ptr(),
+                self.data.add(offset as usize),
+                RECORD_HEADER_LEN,
+            )
         };
     }
 
@@ -260,7 +276,11 @@ impl RingConsumer {
             let mut header = [0u8; RECORD_HEADER_LEN];
             // SAFETY: offset + 8 <= capacity because offsets are 8-aligned (head only advances by record sizes).
             unsafe {
-                std::ptr::copy_nonoverlapping(self.data.add(offset as usize), header.as_mut_ptr(), RECORD_HEADER_LEN)
+                std::ptr::copy_nonoverlapping(
+                    self.data.add(offset as usize),
+                    header.as_mut_ptr(),
+                    RECORD_HEADER_LEN,
+                )
             };
             let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
             let kind = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
@@ -282,7 +302,10 @@ impl RingConsumer {
                     }
                     // SAFETY: bounds validated above against our own head and the validated tail.
                     let body = unsafe {
-                        std::slice::from_raw_parts(self.data.add(offset as usize + RECORD_HEADER_LEN), len as usize)
+                        std::slice::from_raw_parts(
+                            self.data.add(offset as usize + RECORD_HEADER_LEN),
+                            len as usize,
+                        )
                     };
                     out.accept(body);
                     self.head += size;
@@ -339,7 +362,12 @@ mod tests {
             let data = self.data.as_mut_ptr().cast::<u8>();
             let indices: *const RingIndices = &*self.indices;
             // SAFETY: the test ring outlives both ends.
-            unsafe { (RingProducer::new(indices, data, cap), RingConsumer::new(indices, data, cap)) }
+            unsafe {
+                (
+                    RingProducer::new(indices, data, cap),
+                    RingConsumer::new(indices, data, cap),
+                )
+            }
         }
     }
 
@@ -350,11 +378,18 @@ mod tests {
         let mut out = Vec::new();
         for i in 0..10_000u32 {
             let len = (i as usize * 37) % 700;
-            let fill = |b: &mut [u8]| b.iter_mut().enumerate().for_each(|(j, x)| *x = (i as usize + j) as u8);
+            let fill = |b: &mut [u8]| {
+                b.iter_mut()
+                    .enumerate()
+                    .for_each(|(j, x)| *x = (i as usize + j) as u8)
+            };
             assert!(tx.try_write(len, fill).unwrap());
             assert!(rx.read_into(&mut out).unwrap());
             assert_eq!(out.len(), len);
-            assert!(out.iter().enumerate().all(|(j, x)| *x == (i as usize + j) as u8));
+            assert!(out
+                .iter()
+                .enumerate()
+                .all(|(j, x)| *x == (i as usize + j) as u8));
         }
         assert!(!rx.read_into(&mut out).unwrap());
     }
@@ -382,16 +417,25 @@ mod tests {
         let (mut tx, mut rx) = ring.ends();
         let mut out = Vec::new();
         ring.indices.tail.0.store(1 << 40, Ordering::Release);
-        assert!(matches!(rx.read_into(&mut out), Err(RingError::BadIndex { .. })));
+        assert!(matches!(
+            rx.read_into(&mut out),
+            Err(RingError::BadIndex { .. })
+        ));
 
         let mut ring = TestRing::new(4096);
         let (mut tx2, mut rx2) = ring.ends();
         assert!(tx2.try_write(16, |b| b.fill(1)).unwrap());
         ring.data[0] = u64::from_le_bytes([0xff, 0xff, 0, 0, 0x41, 0x54, 0x41, 0x44]); // DATA, len 65535
-        assert!(matches!(rx2.read_into(&mut out), Err(RingError::BadRecord { .. })));
+        assert!(matches!(
+            rx2.read_into(&mut out),
+            Err(RingError::BadRecord { .. })
+        ));
 
         ring.indices.head.0.store(u64::MAX, Ordering::Release);
-        assert!(matches!(tx2.try_write(8, |_| {}), Ok(true) | Err(RingError::BadIndex { .. })));
+        assert!(matches!(
+            tx2.try_write(8, |_| {}),
+            Ok(true) | Err(RingError::BadIndex { .. })
+        ));
         let _ = (&mut tx, &mut rx);
     }
 }

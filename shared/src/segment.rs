@@ -175,6 +175,15 @@ impl SlotSegment {
         self.control().server_closed.0.store(1, Ordering::Release);
     }
 
+    #[cfg(feature = "test-hooks")]
+    pub(crate) fn hostile_set_client_to_server_tail(&self, tail: u64) {
+        self.control()
+            .client_to_server
+            .tail
+            .0
+            .store(tail, Ordering::Release);
+    }
+
     fn data(&self, offset: usize) -> *mut u8 {
         // SAFETY: offsets used below are within the mapping (validated sizes).
         unsafe { self.mapping.as_ptr().add(offset) }

@@ -45,7 +45,12 @@ impl ScriptedPeer {
         (connection.slot(), connection.generation(), id)
     }
 
-    fn start_stream(self: &Arc<Self>, connection: &Arc<ServerConnection>, id: u64, request: CompletionRequest) {
+    fn start_stream(
+        self: &Arc<Self>,
+        connection: &Arc<ServerConnection>,
+        id: u64,
+        request: CompletionRequest,
+    ) {
         let cancelled = Arc::new(AtomicBool::new(false));
         self.cancels
             .lock()
@@ -103,20 +108,29 @@ impl ServerHandler for ScriptedHandler {
         let peer = &self.0;
         let id = message.id();
         match message.message_type() {
-            Some(MessageType::CompletionRequest) => match message.decode_owned::<CompletionRequest>() {
-                Ok(request) => peer.start_stream(connection, id, request),
-                Err(e) => {
-                    let connection = Arc::clone(connection);
-                    let text = e.to_string();
-                    peer.runtime.spawn(async move {
-                        let _ = connection.send_error(id, ErrorCode::InvalidPayload, text).await;
-                    });
+            Some(MessageType::CompletionRequest) => {
+                match message.decode_owned::<CompletionRequest>() {
+                    Ok(request) => peer.start_stream(connection, id, request),
+                    Err(e) => {
+                        let connection = Arc::clone(connection);
+                        let text = e.to_string();
+                        peer.runtime.spawn(async move {
+                            let _ = connection
+                                .send_error(id, ErrorCode::InvalidPayload, text)
+                                .await;
+                        });
+                    }
                 }
-            },
+            }
             Some(MessageType::Cancel) => {
                 if let Ok(cancel) = message.decode::<Cancel>() {
                     let key = ScriptedPeer::key(connection, cancel.request_id.to_native());
-                    if let Some(flag) = peer.cancels.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+                    if let Some(flag) = peer
+                        .cancels
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get(&key)
+                    {
                         flag.store(true, Ordering::Release);
                     }
                 }
@@ -138,7 +152,11 @@ impl ServerHandler for ScriptedHandler {
                 let kind = message.header.message_type;
                 peer.runtime.spawn(async move {
                     let _ = connection
-                        .send_error(id, ErrorCode::BadRequest, format!("the test peer does not handle type {kind}"))
+                        .send_error(
+                            id,
+                            ErrorCode::BadRequest,
+                            format!("the test peer does not handle type {kind}"),
+                        )
                         .await;
                 });
             }
@@ -151,7 +169,9 @@ impl ServerHandler for ScriptedHandler {
         match reason {
             DisconnectReason::ClientGone => peer.client_gone.fetch_add(1, Ordering::AcqRel),
             DisconnectReason::Goodbye(_) => peer.goodbyes.fetch_add(1, Ordering::AcqRel),
-            DisconnectReason::ProtocolViolation(_) => peer.violations.fetch_add(1, Ordering::AcqRel),
+            DisconnectReason::ProtocolViolation(_) => {
+                peer.violations.fetch_add(1, Ordering::AcqRel)
+            }
             DisconnectReason::ServerShutdown => 0,
         };
         let (slot, generation) = (connection.slot(), connection.generation());
@@ -169,7 +189,9 @@ impl ServerHandler for ScriptedHandler {
 pub fn scripted_request(text: &str, chunks: u32, delay: Option<Duration>) -> CompletionRequest {
     CompletionRequest {
         prefix: text.to_owned(),
-        suffix: delay.map(|d| format!("delay_us={}", d.as_micros())).unwrap_or_default(),
+        suffix: delay
+            .map(|d| format!("delay_us={}", d.as_micros()))
+            .unwrap_or_default(),
         max_tokens: chunks,
         ..CompletionRequest::default()
     }

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use lapce_ai_transport::protocol::{MessageType, Ping, Pong, StatusReply, StatusRequest};
 use lapce_ai_transport::testing::{scripted_request, ScriptedHandler, ScriptedPeer};
 use lapce_ai_transport::{
-    AsyncClient, Client, ClientOptions, ReconnectingClient, Server, ServerOptions, StreamEvent, TransportError,
+    AsyncClient, Client, ClientOptions, ReconnectingClient, Server, ServerOptions, StreamEvent,
+    TransportError,
 };
 use support::{Peer, TestEndpoint};
 
@@ -25,7 +26,16 @@ fn cross_process_roundtrips_are_all_delivered_in_order() {
     let mut client = Client::connect(&ep.endpoint, ClientOptions::default()).unwrap();
     for i in 0..20_000u64 {
         let payload = i.to_le_bytes().repeat(8);
-        client.send(i + 1, &Ping { nonce: i, payload: payload.clone() }, T).unwrap();
+        client
+            .send(
+                i + 1,
+                &Ping {
+                    nonce: i,
+                    payload: payload.clone(),
+                },
+                T,
+            )
+            .unwrap();
         let reply = client.recv(T).unwrap();
         assert_eq!(reply.message_type(), Some(MessageType::Pong));
         let pong: Pong = reply.decode_owned().unwrap();
@@ -40,11 +50,18 @@ fn cross_process_roundtrips_are_all_delivered_in_order() {
 fn a_second_engine_on_the_same_endpoint_is_refused_naming_the_pid() {
     let ep = TestEndpoint::new("single");
     let server = Peer::server(&ep);
-    let err = Server::bind(&ep.endpoint, ServerOptions::default(), Arc::new(support::NoApp))
-        .err()
-        .expect("second engine must fail");
+    let err = Server::bind(
+        &ep.endpoint,
+        ServerOptions::default(),
+        Arc::new(support::NoApp),
+    )
+    .err()
+    .expect("second engine must fail");
     let text = err.to_string();
-    assert!(matches!(err, TransportError::AlreadyRunning { .. }), "{text}");
+    assert!(
+        matches!(err, TransportError::AlreadyRunning { .. }),
+        "{text}"
+    );
     assert!(text.contains(&server.pid().to_string()), "{text}");
     assert!(server.stop_gracefully().success());
     ep.assert_clean();
@@ -54,10 +71,21 @@ fn a_second_engine_on_the_same_endpoint_is_refused_naming_the_pid() {
 async fn kill9_of_a_streaming_client_frees_its_slot_and_spares_others() {
     let ep = TestEndpoint::new("killclient");
     let peer = ScriptedPeer::new(tokio::runtime::Handle::current());
-    let server = Server::bind(&ep.endpoint, ServerOptions::default(), Arc::new(ScriptedHandler(Arc::clone(&peer)))).unwrap();
-    let survivor = AsyncClient::connect(&ep.endpoint, ClientOptions::default()).await.unwrap();
+    let server = Server::bind(
+        &ep.endpoint,
+        ServerOptions::default(),
+        Arc::new(ScriptedHandler(Arc::clone(&peer))),
+    )
+    .unwrap();
+    let survivor = AsyncClient::connect(&ep.endpoint, ClientOptions::default())
+        .await
+        .unwrap();
     let mut survivor_stream = survivor
-        .request(&scripted_request("s", 400, Some(Duration::from_micros(500))))
+        .request(&scripted_request(
+            "s",
+            400,
+            Some(Duration::from_micros(500)),
+        ))
         .await
         .unwrap();
     let mut victim = Peer::streaming_client(&ep);
@@ -65,7 +93,10 @@ async fn kill9_of_a_streaming_client_frees_its_slot_and_spares_others() {
     let killed = Instant::now();
     victim.kill9();
     while server.connection_count() != 1 {
-        assert!(killed.elapsed() < DETECT, "client death not noticed within {DETECT:?}");
+        assert!(
+            killed.elapsed() < DETECT,
+            "client death not noticed within {DETECT:?}"
+        );
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let noticed = killed.elapsed();
@@ -80,11 +111,17 @@ async fn kill9_of_a_streaming_client_frees_its_slot_and_spares_others() {
     }
     assert_eq!(chunks, 400);
     let files = ep.leftover_files();
-    assert_eq!(files.len(), 2, "only engine.lock and the survivor's slot remain: {files:?}");
+    assert_eq!(
+        files.len(),
+        2,
+        "only engine.lock and the survivor's slot remain: {files:?}"
+    );
     println!("client death noticed after {noticed:?}");
     drop(survivor_stream);
     drop(survivor);
-    tokio::task::spawn_blocking(move || server.shutdown()).await.unwrap();
+    tokio::task::spawn_blocking(move || server.shutdown())
+        .await
+        .unwrap();
     ep.assert_clean();
 }
 
@@ -94,21 +131,34 @@ async fn kill9_of_the_engine_fails_pending_requests_and_reconnect_follows_a_rest
     let mut server = Peer::server(&ep);
     let client = ReconnectingClient::new(ep.endpoint.clone(), ClientOptions::default(), None, T);
     let mut stream = client
-        .request(&scripted_request("p", u32::MAX, Some(Duration::from_millis(1))))
+        .request(&scripted_request(
+            "p",
+            u32::MAX,
+            Some(Duration::from_millis(1)),
+        ))
         .await
         .unwrap();
-    assert!(matches!(stream.next().await.unwrap().unwrap(), StreamEvent::Chunk { .. }));
+    assert!(matches!(
+        stream.next().await.unwrap().unwrap(),
+        StreamEvent::Chunk { .. }
+    ));
     let killed = Instant::now();
     server.kill9();
     let failure = loop {
-        match tokio::time::timeout(DETECT, stream.next()).await.expect("pending request hung after engine death") {
+        match tokio::time::timeout(DETECT, stream.next())
+            .await
+            .expect("pending request hung after engine death")
+        {
             Some(Ok(StreamEvent::Chunk { .. })) => continue,
             Some(Err(e)) => break e,
             other => panic!("expected an error, got {other:?}"),
         }
     };
     let noticed = killed.elapsed();
-    assert!(matches!(failure, TransportError::ServerGone(_)), "{failure}");
+    assert!(
+        matches!(failure, TransportError::ServerGone(_)),
+        "{failure}"
+    );
     assert!(noticed < DETECT);
     drop(stream);
 
@@ -119,13 +169,18 @@ async fn kill9_of_the_engine_fails_pending_requests_and_reconnect_follows_a_rest
         if let Some(c) = client.current().await {
             break c;
         }
-        assert!(ready.elapsed() < DETECT, "no reconnect within {DETECT:?} of the engine being ready");
+        assert!(
+            ready.elapsed() < DETECT,
+            "no reconnect within {DETECT:?} of the engine being ready"
+        );
         tokio::time::sleep(Duration::from_millis(1)).await;
     };
     let reconnect_after = ready.elapsed();
     let status: StatusReply = reconnected.call(&StatusRequest {}).await.unwrap();
     assert_eq!(status.engine_pid, restarted.pid() as u32);
-    println!("engine death noticed after {noticed:?}; reconnected {reconnect_after:?} after restart");
+    println!(
+        "engine death noticed after {noticed:?}; reconnected {reconnect_after:?} after restart"
+    );
     drop(reconnected);
     drop(client);
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -148,13 +203,23 @@ fn a_thousand_concurrent_connections_lose_nothing() {
             let endpoint = ep.endpoint.clone();
             let options = options.clone();
             std::thread::spawn(move || {
-                let mut clients: Vec<Client> =
-                    (0..250).map(|_| Client::connect(&endpoint, options.clone()).unwrap()).collect();
+                let mut clients: Vec<Client> = (0..250)
+                    .map(|_| Client::connect(&endpoint, options.clone()).unwrap())
+                    .collect();
                 let mut delivered = 0u64;
                 for round in 0..20u64 {
                     for (i, client) in clients.iter_mut().enumerate() {
                         let nonce = (t << 40) | (round << 20) | i as u64;
-                        client.send(nonce, &Ping { nonce, payload: nonce.to_le_bytes().to_vec() }, T).unwrap();
+                        client
+                            .send(
+                                nonce,
+                                &Ping {
+                                    nonce,
+                                    payload: nonce.to_le_bytes().to_vec(),
+                                },
+                                T,
+                            )
+                            .unwrap();
                     }
                     for (i, client) in clients.iter_mut().enumerate() {
                         let nonce = (t << 40) | (round << 20) | i as u64;
@@ -164,7 +229,8 @@ fn a_thousand_concurrent_connections_lose_nothing() {
                         delivered += 1;
                     }
                 }
-                let slots: std::collections::HashSet<u32> = clients.iter().map(Client::slot).collect();
+                let slots: std::collections::HashSet<u32> =
+                    clients.iter().map(Client::slot).collect();
                 assert_eq!(slots.len(), 250);
                 delivered
             })
@@ -177,7 +243,10 @@ fn a_thousand_concurrent_connections_lose_nothing() {
 }
 
 fn raise_fd_limit() {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: plain getrlimit/setrlimit on a local struct.
     unsafe {
         libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);

@@ -16,10 +16,22 @@ fn ping_pong_roundtrips_in_order_with_content_and_cleans_up() {
     let ep = TestEndpoint::new("rt");
     let server = Server::bind(&ep.endpoint, ServerOptions::default(), Arc::new(NoApp)).unwrap();
     let mut client = Client::connect(&ep.endpoint, ClientOptions::default()).unwrap();
-    assert!(ep.leftover_shm().is_empty(), "names must be unlinked once both sides mapped them");
+    assert!(
+        ep.leftover_shm().is_empty(),
+        "names must be unlinked once both sides mapped them"
+    );
     for i in 0..10_000u64 {
         let payload: Vec<u8> = (0..64).map(|j| (i as u8).wrapping_add(j)).collect();
-        client.send(i + 1, &Ping { nonce: i, payload: payload.clone() }, T).unwrap();
+        client
+            .send(
+                i + 1,
+                &Ping {
+                    nonce: i,
+                    payload: payload.clone(),
+                },
+                T,
+            )
+            .unwrap();
         let reply = client.recv(T).unwrap();
         assert_eq!(reply.message_type(), Some(MessageType::Pong));
         assert_eq!(reply.id(), i + 1);

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use lapce_ai_transport::testing::{scripted_request, ScriptedHandler, ScriptedPeer};
-use lapce_ai_transport::{AsyncClient, ClientOptions, Endpoint, Server, ServerOptions, StreamEvent};
+use lapce_ai_transport::{
+    AsyncClient, ClientOptions, Endpoint, Server, ServerOptions, StreamEvent,
+};
 
 #[derive(Parser)]
 #[command(about = "Test peer for the lapce-ai transport (not the engine)")]
@@ -47,7 +49,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     match args.role {
         Role::Serve => {
             let peer = ScriptedPeer::new(runtime.handle().clone());
-            let server = Server::bind(&endpoint, ServerOptions::default(), Arc::new(ScriptedHandler(peer)))?;
+            let server = Server::bind(
+                &endpoint,
+                ServerOptions::default(),
+                Arc::new(ScriptedHandler(peer)),
+            )?;
             println!("ready {}", std::process::id());
             std::io::stdout().flush()?;
             // Serve until our parent closes stdin.

@@ -21,7 +21,9 @@ pub(super) fn watch_slots(endpoint: &Endpoint) -> Result<Inotify, TransportError
             endpoint.slots_dir(),
             WatchMask::MODIFY | WatchMask::CLOSE_WRITE | WatchMask::DELETE,
         )
-        .map_err(|e| TransportError::io(format!("watching {}", endpoint.slots_dir().display()), e))?;
+        .map_err(|e| {
+            TransportError::io(format!("watching {}", endpoint.slots_dir().display()), e)
+        })?;
     Ok(inotify)
 }
 
@@ -69,7 +71,11 @@ pub(super) fn run(shared: &Shared, mut inotify: Inotify, wake: &OwnedFd) {
                 overflow = true;
                 continue;
             }
-            let Some(slot) = event.name.and_then(|n| n.to_str()).and_then(parse_slot_file) else {
+            let Some(slot) = event
+                .name
+                .and_then(|n| n.to_str())
+                .and_then(parse_slot_file)
+            else {
                 continue;
             };
             to_check.push((slot, event.mask));
@@ -146,7 +152,8 @@ fn check_announcement(shared: &Shared, slot: u32) {
             lock(&shared.attached).insert(slot, generation);
             shared.post(|inbox| inbox.attach.push(Attach { slot, segment }));
         }
-        Err(TransportError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {}
+        Err(TransportError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+        }
         Err(e) => {
             tracing::warn!(slot, error = %e, "refusing a malformed slot segment");
             let _ = crate::sys::shm_unlink(&name);

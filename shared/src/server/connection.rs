@@ -84,7 +84,12 @@ impl ServerConnection {
 
     /// Writes without waiting; `Ok(false)` when the ring is too full for the whole message right now.
     /// Only for messages that fit one fragment (used from the reactor thread, which must never block).
-    pub fn try_send_raw(&self, message_type: u16, message_id: u64, payload: &[u8]) -> Result<bool, TransportError> {
+    pub fn try_send_raw(
+        &self,
+        message_type: u16,
+        message_id: u64,
+        payload: &[u8],
+    ) -> Result<bool, TransportError> {
         self.check_open()?;
         let done = self.writer.try_send(message_type, message_id, payload)?;
         if done {
@@ -95,7 +100,12 @@ impl ServerConnection {
 
     /// Sends an encoded payload, awaiting ring space (never blocks a runtime thread). Large payloads are
     /// fragmented; other senders may interleave between fragments.
-    pub async fn send_raw(&self, message_type: u16, message_id: u64, payload: &[u8]) -> Result<(), TransportError> {
+    pub async fn send_raw(
+        &self,
+        message_type: u16,
+        message_id: u64,
+        payload: &[u8],
+    ) -> Result<(), TransportError> {
         self.writer
             .send(
                 message_type,
@@ -108,13 +118,22 @@ impl ServerConnection {
     }
 
     /// Encodes and sends one message.
-    pub async fn send<M: Message>(&self, message_id: u64, message: &M) -> Result<(), TransportError> {
+    pub async fn send<M: Message>(
+        &self,
+        message_id: u64,
+        message: &M,
+    ) -> Result<(), TransportError> {
         let payload = protocol::encode(message)?;
         self.send_raw(M::TYPE.code(), message_id, &payload).await
     }
 
     /// Sends an error frame about `message_id`.
-    pub async fn send_error(&self, message_id: u64, code: ErrorCode, message: impl Into<String>) -> Result<(), TransportError> {
+    pub async fn send_error(
+        &self,
+        message_id: u64,
+        code: ErrorCode,
+        message: impl Into<String>,
+    ) -> Result<(), TransportError> {
         self.send(
             message_id,
             &ErrorMessage {
@@ -184,12 +203,17 @@ impl StreamSender {
             let changed = conn.credit_changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            let credit = lock(&conn.credits).get(&self.request_id).copied().unwrap_or(0);
+            let credit = lock(&conn.credits)
+                .get(&self.request_id)
+                .copied()
+                .unwrap_or(0);
             if credit > 0 {
                 break;
             }
             if tokio::time::timeout(CREDIT_TIMEOUT, changed).await.is_err() {
-                return Err(TransportError::Timeout("waiting for stream credit from the client"));
+                return Err(TransportError::Timeout(
+                    "waiting for stream credit from the client",
+                ));
             }
         }
         let message = StreamChunk {
@@ -201,7 +225,8 @@ impl StreamSender {
         if let Some(credit) = lock(&conn.credits).get_mut(&self.request_id) {
             *credit -= payload.len() as i64;
         }
-        conn.send_raw(MessageType::StreamChunk.code(), self.request_id, &payload).await?;
+        conn.send_raw(MessageType::StreamChunk.code(), self.request_id, &payload)
+            .await?;
         self.sequence += 1;
         Ok(())
     }
@@ -227,9 +252,15 @@ impl StreamSender {
     }
 
     /// Ends the stream with an error (terminal).
-    pub async fn fail(mut self, code: ErrorCode, message: impl Into<String>) -> Result<(), TransportError> {
+    pub async fn fail(
+        mut self,
+        code: ErrorCode,
+        message: impl Into<String>,
+    ) -> Result<(), TransportError> {
         self.finished = true;
-        self.connection.send_error(self.request_id, code, message).await
+        self.connection
+            .send_error(self.request_id, code, message)
+            .await
     }
 
     /// True once a terminal frame was sent.
@@ -243,7 +274,10 @@ impl Drop for StreamSender {
         lock(&self.connection.credits).remove(&self.request_id);
         if !self.finished && !self.connection.is_closed() {
             // Never leave the client waiting: best-effort terminal error without blocking.
-            tracing::warn!(request_id = self.request_id, "response stream dropped without a terminal frame");
+            tracing::warn!(
+                request_id = self.request_id,
+                "response stream dropped without a terminal frame"
+            );
             let error = ErrorMessage {
                 code: ErrorCode::Internal,
                 message: "the engine dropped this request without an answer".into(),

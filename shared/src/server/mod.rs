@@ -116,7 +116,10 @@ impl Server {
         // SAFETY: eventfd returns a new fd or -1.
         let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if raw < 0 {
-            return Err(TransportError::io("creating eventfd", io::Error::last_os_error()));
+            return Err(TransportError::io(
+                "creating eventfd",
+                io::Error::last_os_error(),
+            ));
         }
         // SAFETY: raw is a fresh fd we own.
         let wake = Arc::new(unsafe { OwnedFd::from_raw_fd(raw) });
@@ -184,7 +187,10 @@ impl Server {
             libc::write(self.wake.as_raw_fd(), (&one as *const u64).cast(), 8);
         }
         self.shared.page.bell().ring_always();
-        for handle in [self.reactor.take(), self.acceptor.take()].into_iter().flatten() {
+        for handle in [self.reactor.take(), self.acceptor.take()]
+            .into_iter()
+            .flatten()
+        {
             if handle.join().is_err() {
                 tracing::error!("a transport thread panicked during shutdown");
             }
@@ -194,7 +200,10 @@ impl Server {
         }
         let _ = std::fs::remove_dir(self.shared.endpoint.slots_dir());
         let _ = std::fs::remove_dir(self.shared.endpoint.dir());
-        tracing::info!(endpoint = self.shared.endpoint.name(), "engine endpoint closed");
+        tracing::info!(
+            endpoint = self.shared.endpoint.name(),
+            "engine endpoint closed"
+        );
     }
 }
 
@@ -258,7 +267,8 @@ fn sweep_stale(endpoint: &Endpoint) {
     }
     if let Ok(entries) = std::fs::read_dir(endpoint.slots_dir()) {
         for entry in entries.flatten() {
-            if let Ok(Some(TryLock::Acquired(lock))) = HeldLock::try_acquire_existing(&entry.path()) {
+            if let Ok(Some(TryLock::Acquired(lock))) = HeldLock::try_acquire_existing(&entry.path())
+            {
                 lock.remove();
             }
         }

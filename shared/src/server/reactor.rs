@@ -4,7 +4,6 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-
 use super::connection::{DisconnectReason, ServerConnection};
 use super::{Attach, Shared};
 use tokio::sync::Notify;
@@ -12,8 +11,8 @@ use tokio::sync::Notify;
 use crate::doorbell::{self, SpinPolicy};
 use crate::framing::{AsyncWriter, FrameReceiver, FrameSender, Received};
 use crate::protocol::{
-    self, Credit, ErrorCode, ErrorMessage, FrameError, Goodbye, Hello, HelloAck, MessageType,
-    Ping, PROTOCOL_VERSION,
+    self, Credit, ErrorCode, ErrorMessage, FrameError, Goodbye, Hello, HelloAck, MessageType, Ping,
+    PROTOCOL_VERSION,
 };
 
 /// Messages handled per connection before moving on, so one busy client cannot starve the others.
@@ -120,7 +119,10 @@ fn take_inbox(shared: &Shared, slots: &mut Vec<Slot>) {
 
 fn close(shared: &Shared, slot: Slot, reason: DisconnectReason) {
     let connection = &slot.connection;
-    if matches!(reason, DisconnectReason::ServerShutdown | DisconnectReason::ProtocolViolation(_)) {
+    if matches!(
+        reason,
+        DisconnectReason::ServerShutdown | DisconnectReason::ProtocolViolation(_)
+    ) {
         if let Ok(payload) = protocol::encode(&Goodbye {
             reason: match &reason {
                 DisconnectReason::ProtocolViolation(why) => format!("protocol violation: {why}"),
@@ -174,14 +176,23 @@ fn send_error(
 ) -> Result<(), DisconnectReason> {
     let payload = protocol::encode(&ErrorMessage { code, message })
         .map_err(|e| DisconnectReason::ProtocolViolation(e.to_string()))?;
-    queue_or_send(connection, deferred, MessageType::ErrorMessage.code(), message_id, &payload)
+    queue_or_send(
+        connection,
+        deferred,
+        MessageType::ErrorMessage.code(),
+        message_id,
+        &payload,
+    )
 }
 
 /// Drains one connection. `Err` closes it.
 fn service(shared: &Shared, slot: &mut Slot) -> Result<bool, DisconnectReason> {
     let mut did_work = false;
     while let Some((message_type, message_id, payload)) = slot.deferred.front() {
-        match slot.connection.try_send_raw(*message_type, *message_id, payload) {
+        match slot
+            .connection
+            .try_send_raw(*message_type, *message_id, payload)
+        {
             Ok(true) => {
                 slot.deferred.pop_front();
                 did_work = true;
@@ -208,7 +219,13 @@ fn service(shared: &Shared, slot: &mut Slot) -> Result<bool, DisconnectReason> {
                     FrameError::TooLarge { .. } => ErrorCode::MessageTooLarge,
                     _ => ErrorCode::Protocol,
                 };
-                send_error(&slot.connection, &mut slot.deferred, message_id, code, error.to_string())?;
+                send_error(
+                    &slot.connection,
+                    &mut slot.deferred,
+                    message_id,
+                    code,
+                    error.to_string(),
+                )?;
             }
             Received::Message => {
                 did_work = true;
@@ -243,9 +260,14 @@ fn dispatch(shared: &Shared, slot: &mut Slot) -> Result<(), DisconnectReason> {
     };
     if !*handshaken {
         if message_type != MessageType::Hello {
-            return Err(violation(format!("expected hello, got {}", message_type.name())));
+            return Err(violation(format!(
+                "expected hello, got {}",
+                message_type.name()
+            )));
         }
-        let hello = message.decode_owned::<Hello>().map_err(|e| violation(e.to_string()))?;
+        let hello = message
+            .decode_owned::<Hello>()
+            .map_err(|e| violation(e.to_string()))?;
         handshake(shared, connection, deferred, hello)?;
         *handshaken = true;
         shared.connections.fetch_add(1, Ordering::AcqRel);
@@ -256,14 +278,36 @@ fn dispatch(shared: &Shared, slot: &mut Slot) -> Result<(), DisconnectReason> {
         MessageType::Hello => Err(violation("second hello".into())),
         MessageType::Ping => {
             // Validate, then echo the payload bytes: Ping and Pong archive identically.
-            message.decode::<Ping>().map_err(|e| violation(e.to_string()))?;
-            queue_or_send(connection, deferred, MessageType::Pong.code(), header.message_id, message.payload)
+            if let Err(e) = message.decode::<Ping>() {
+                return send_error(
+                    connection,
+                    deferred,
+                    header.message_id,
+                    ErrorCode::InvalidPayload,
+                    e.to_string(),
+                );
+            }
+            queue_or_send(
+                connection,
+                deferred,
+                MessageType::Pong.code(),
+                header.message_id,
+                message.payload,
+            )
         }
-        MessageType::Credit => {
-            let credit = message.decode::<Credit>().map_err(|e| violation(e.to_string()))?;
-            connection.add_credit(credit.request_id.to_native(), credit.bytes.to_native());
-            Ok(())
-        }
+        MessageType::Credit => match message.decode::<Credit>() {
+            Ok(credit) => {
+                connection.add_credit(credit.request_id.to_native(), credit.bytes.to_native());
+                Ok(())
+            }
+            Err(e) => send_error(
+                connection,
+                deferred,
+                header.message_id,
+                ErrorCode::InvalidPayload,
+                e.to_string(),
+            ),
+        },
         MessageType::Goodbye => {
             let reason = message
                 .decode::<Goodbye>()
@@ -297,11 +341,17 @@ fn handshake(
         || hello.client_to_server_ring_bytes as usize != c2s
         || hello.server_to_client_ring_bytes as usize != s2c
     {
-        Some((ErrorCode::Protocol, "hello does not match the slot segment".to_owned()))
+        Some((
+            ErrorCode::Protocol,
+            "hello does not match the slot segment".to_owned(),
+        ))
     } else if connection.slot >= shared.options.max_connections {
         Some((
             ErrorCode::SlotLimit,
-            format!("the engine accepts at most {} connections", shared.options.max_connections),
+            format!(
+                "the engine accepts at most {} connections",
+                shared.options.max_connections
+            ),
         ))
     } else {
         None
@@ -310,7 +360,10 @@ fn handshake(
         send_error(connection, deferred, 0, code, message.clone())?;
         return Err(DisconnectReason::ProtocolViolation(message));
     }
-    *connection.client_name.lock().unwrap_or_else(|p| p.into_inner()) = hello.client_name;
+    *connection
+        .client_name
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = hello.client_name;
     let ack = HelloAck {
         protocol_version: PROTOCOL_VERSION,
         slot: connection.slot,
@@ -319,6 +372,13 @@ fn handshake(
         stream_window_bytes: shared.options.stream_window_bytes,
         server_name: shared.options.server_name.clone(),
     };
-    let payload = protocol::encode(&ack).map_err(|e| DisconnectReason::ProtocolViolation(e.to_string()))?;
-    queue_or_send(connection, deferred, MessageType::HelloAck.code(), 0, &payload)
+    let payload =
+        protocol::encode(&ack).map_err(|e| DisconnectReason::ProtocolViolation(e.to_string()))?;
+    queue_or_send(
+        connection,
+        deferred,
+        MessageType::HelloAck.code(),
+        0,
+        &payload,
+    )
 }

@@ -17,7 +17,10 @@ pub struct TestEndpoint {
 impl TestEndpoint {
     pub fn new(name: &str) -> Self {
         use std::os::unix::fs::PermissionsExt;
-        let root = tempfile::Builder::new().prefix("lapce-ai-test").tempdir().unwrap();
+        let root = tempfile::Builder::new()
+            .prefix("lapce-ai-test")
+            .tempdir()
+            .unwrap();
         std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
         let unique = format!("{name}-{}", std::process::id());
         let endpoint = Endpoint::in_root(&unique, root.path()).unwrap();
@@ -55,8 +58,16 @@ impl TestEndpoint {
     }
 
     pub fn assert_clean(&self) {
-        assert_eq!(self.leftover_shm(), Vec::<String>::new(), "shared memory left behind");
-        assert_eq!(self.leftover_files(), Vec::<PathBuf>::new(), "files left in the rendezvous dir");
+        assert_eq!(
+            self.leftover_shm(),
+            Vec::<String>::new(),
+            "shared memory left behind"
+        );
+        assert_eq!(
+            self.leftover_files(),
+            Vec::<PathBuf>::new(),
+            "files left in the rendezvous dir"
+        );
     }
 }
 

@@ -1,0 +1,161 @@
+//! A hostile peer writing garbage frames and impossible ring indices: only its own connection suffers.
+
+mod support;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lapce_ai_transport::protocol::frame::FRAME_HEADER_LEN;
+use lapce_ai_transport::protocol::{
+    self, ErrorCode, ErrorMessage, FrameHeader, MessageType, Ping, Pong,
+};
+use lapce_ai_transport::testing::{ScriptedHandler, ScriptedPeer};
+use lapce_ai_transport::{Client, ClientOptions, Server, ServerOptions, TransportError};
+use support::TestEndpoint;
+
+const T: Duration = Duration::from_secs(5);
+
+fn frame(message_type: u16, version: u8, id: u64, payload: &[u8]) -> Vec<u8> {
+    let mut header = FrameHeader::new(message_type, 0, payload.len() as u32, id);
+    header.version = version;
+    let mut head = [0u8; FRAME_HEADER_LEN];
+    header.encode_into(payload, &mut head);
+    [head.as_slice(), payload].concat()
+}
+
+fn ping(client: &mut Client, nonce: u64) {
+    client
+        .send(
+            nonce,
+            &Ping {
+                nonce,
+                payload: vec![7; 64],
+            },
+            T,
+        )
+        .unwrap();
+    let pong: Pong = client.recv(T).unwrap().decode_owned().unwrap();
+    assert_eq!(pong.nonce, nonce);
+}
+
+fn expect_error(client: &mut Client, id: u64, code: ErrorCode) {
+    let reply = client.recv(T).unwrap();
+    assert_eq!(reply.message_type(), Some(MessageType::ErrorMessage));
+    assert_eq!(
+        reply.id(),
+        id,
+        "the error frame carries the offending message id"
+    );
+    let error: ErrorMessage = reply.decode_owned().unwrap();
+    assert_eq!(error.code, code, "{}", error.message);
+}
+
+fn expect_closed(client: &mut Client) {
+    // The engine may say goodbye first; then the connection reports closed.
+    for _ in 0..3 {
+        match client.recv(T) {
+            Ok(m) if m.message_type() == Some(MessageType::Goodbye) => continue,
+            Err(TransportError::Closed(_)) => return,
+            other => panic!("expected the connection to be closed, got {other:?}"),
+        }
+    }
+    panic!("connection was not closed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_only_closes_the_offender() {
+    let ep = TestEndpoint::new("hostile");
+    let peer = ScriptedPeer::new(tokio::runtime::Handle::current());
+    let server = Server::bind(
+        &ep.endpoint,
+        ServerOptions::default(),
+        Arc::new(ScriptedHandler(Arc::clone(&peer))),
+    )
+    .unwrap();
+    tokio::task::spawn_blocking(move || {
+        let mut good = Client::connect(&ep.endpoint, ClientOptions::default()).unwrap();
+
+        // Recoverable: unknown type, unknown version, undecodable payloads -> error frames, connection stays.
+        let mut bad = Client::connect(&ep.endpoint, ClientOptions::default()).unwrap();
+        bad.hostile_write_record(&frame(999, 1, 41, b"hello"));
+        expect_error(&mut bad, 41, ErrorCode::UnknownMessageType);
+        bad.hostile_write_record(&frame(MessageType::Ping.code(), 9, 42, b""));
+        expect_error(&mut bad, 42, ErrorCode::VersionMismatch);
+        bad.hostile_write_record(&frame(MessageType::Ping.code(), 1, 43, &[0xff; 13]));
+        expect_error(&mut bad, 43, ErrorCode::InvalidPayload);
+        bad.hostile_write_record(&frame(
+            MessageType::CompletionRequest.code(),
+            1,
+            44,
+            &[0xee; 64],
+        ));
+        expect_error(&mut bad, 44, ErrorCode::InvalidPayload);
+        ping(&mut bad, 45);
+        ping(&mut good, 1);
+
+        // Fatal: bad magic.
+        let mut garbage = frame(
+            MessageType::Ping.code(),
+            1,
+            50,
+            &protocol::encode(&Ping {
+                nonce: 1,
+                payload: vec![],
+            })
+            .unwrap(),
+        );
+        garbage[0] = b'X';
+        bad.hostile_write_record(&garbage);
+        expect_closed(&mut bad);
+        ping(&mut good, 2);
+
+        // Fatal: bad CRC.
+        let mut evil = Client::connect(&ep.endpoint, ClientOptions::default()).unwrap();
+        let mut corrupt = frame(
+            MessageType::Ping.code(),
+            1,
+            60,
+            &protocol::encode(&Ping {
+                nonce: 1,
+                payload: vec![1; 8],
+            })
+            .unwrap(),
+        );
+        let last = corrupt.len() - 1;
+        corrupt[last] ^= 0x40;
+        evil.hostile_write_record(&corrupt);
+        expect_closed(&mut evil);
+        ping(&mut good, 3);
+
+        // Fatal: a record too short for a frame header.
+        let mut short = Client::connect(&ep.endpoint, ClientOptions::default()).unwrap();
+        short.hostile_write_record(b"LAPC");
+        expect_closed(&mut short);
+
+        // Fatal: impossible ring indices (beyond capacity, then backwards).
+        let mut liar = Client::connect(&ep.endpoint, ClientOptions::default()).unwrap();
+        liar.hostile_set_tail(u64::MAX / 2);
+        expect_closed(&mut liar);
+        let mut rewinder = Client::connect(&ep.endpoint, ClientOptions::default()).unwrap();
+        ping(&mut rewinder, 9);
+        rewinder.hostile_set_tail(0);
+        ping(&mut good, 4);
+
+        assert!(
+            peer.violations.load(Ordering::Acquire) >= 4,
+            "every fatal case was a protocol violation"
+        );
+        for _ in 0..100 {
+            ping(&mut good, 5);
+        }
+        for client in [good, bad, evil, short, liar, rewinder] {
+            client.close();
+        }
+        assert!(support::wait_until(5.0, || server.connection_count() == 0));
+        server.shutdown();
+        ep.assert_clean();
+    })
+    .await
+    .unwrap();
+}
