@@ -5,6 +5,7 @@
 //! [`framing`] (frames over rings), [`client`] / [`async_client`] / [`server`] (the two sides).
 
 pub mod async_client;
+pub mod autostart;
 pub mod client;
 pub mod doorbell;
 pub mod endpoint;
