@@ -1,3 +1,4 @@
 //! ai-engine: the per-user daemon that turns completion and chat requests into streamed model output.
 
+pub mod completion;
 pub mod provider;
