@@ -751,14 +751,19 @@ impl CompletionFilter {
                 bound = bound.min(self.line_start);
             }
             if self.line_index == 0 && !self.rest_of_line.is_empty() {
-                let possible_overlap =
-                    partial
-                        .char_indices()
-                        .map(|(offset, _)| offset)
-                        .find(|&offset| {
-                            let tail = partial[offset..].trim_end();
-                            !tail.is_empty() && self.rest_of_line.starts_with(tail)
-                        });
+                // Only tails no longer than the rest of the line (plus trailing whitespace) can match it.
+                let earliest = partial
+                    .trim_end()
+                    .len()
+                    .saturating_sub(self.rest_of_line.len());
+                let possible_overlap = partial
+                    .char_indices()
+                    .map(|(offset, _)| offset)
+                    .filter(|&offset| offset >= earliest)
+                    .find(|&offset| {
+                        let tail = partial[offset..].trim_end();
+                        !tail.is_empty() && self.rest_of_line.starts_with(tail)
+                    });
                 if let Some(offset) = possible_overlap {
                     bound = bound.min(self.line_start + offset);
                 }
@@ -1004,6 +1009,40 @@ mod tests {
         assert_eq!(step.emit, "1");
         assert_eq!(filter.push("more").emit, "");
         assert!(filter.is_done());
+    }
+
+    #[test]
+    fn lone_carriage_return_is_kept_and_crlf_split_is_joined() {
+        let mut filter =
+            CompletionFilter::new(context("let s = ", "\n", CompletionMode::SingleLine));
+        assert_eq!(filter.push("a\rb\r").emit, "a\rb");
+        let step = filter.push("\nnext line");
+        assert!(step.done, "CRLF split across deltas is one line break");
+        assert_eq!(filter.finish(), "");
+    }
+
+    #[test]
+    fn held_first_line_overlap_with_rest_of_line_is_released_when_it_diverges() {
+        let mut filter = CompletionFilter::new(context("call(\"", "\");", CompletionMode::Auto));
+        assert_eq!(filter.push("abc\"").emit, "abc");
+        assert_eq!(filter.push(" + x").emit, "\" + x");
+        assert_eq!(filter.finish(), "");
+    }
+
+    #[test]
+    fn chat_answer_without_closing_fence_streams_after_the_first_line() {
+        let mut filter = CompletionFilter::new(FilterContext {
+            chat_answer: true,
+            ..context("fn f() {\n    ", "\n}", CompletionMode::MultiLine)
+        });
+        assert_eq!(filter.push("```rust\nlet a = 1;").emit, "");
+        assert_eq!(
+            filter.push("\n    let b = 2;\n``").emit,
+            "let a = 1;\n    let b = 2;"
+        );
+        let step = filter.push("`\nExplanation.");
+        assert!(step.done);
+        assert_eq!(step.emit, "");
     }
 
     #[test]
