@@ -1,5 +1,12 @@
 //! The provider interface every model backend implements: a cancellable stream of generated text.
 
+pub mod anthropic;
+pub mod gemini;
+pub mod http;
+pub mod mistral;
+pub mod ollama;
+pub mod openai;
+
 use futures::stream::BoxStream;
 
 /// What to generate. Prompt building (templates, budgets) happens before a provider sees this.
