@@ -387,7 +387,7 @@ impl EngineConfig {
         let deserializer = toml::Deserializer::parse(text)
             .map_err(|e| invalid(e.span(), "", e.message().trim().to_string()))?;
         let raw: RawConfig = serde_path_to_error::deserialize(deserializer).map_err(|e| {
-            let path = e.path().to_string();
+            let path = e.path().clone();
             let inner = e.into_inner();
             let message = inner.message().trim().to_string();
             let key = key_path(&path, &message);
@@ -540,17 +540,31 @@ fn line_of(text: &str, offset: usize) -> usize {
         + 1
 }
 
-/// The dotted key an error is about. serde reports an unknown field at its parent's path, so name the field.
-fn key_path(path: &str, message: &str) -> String {
-    let path = if path == "." { "" } else { path };
+/// The dotted key an error is about. Segments added by `toml::Spanned` are skipped, and an unknown field (which
+/// serde reports at its parent's path) is named.
+fn key_path(path: &serde_path_to_error::Path, message: &str) -> String {
+    use serde_path_to_error::Segment;
+    let mut segments: Vec<String> = Vec::new();
+    for segment in path.iter() {
+        let text = match segment {
+            Segment::Seq { index } => index.to_string(),
+            Segment::Map { key } => key.clone(),
+            Segment::Enum { variant } => variant.clone(),
+            Segment::Unknown => continue,
+        };
+        if !text.starts_with("$__serde_spanned_private") {
+            segments.push(text);
+        }
+    }
     let unknown = message
         .strip_prefix("unknown field `")
         .and_then(|rest| rest.split('`').next());
-    match unknown {
-        Some(field) if path.is_empty() => field.to_string(),
-        Some(field) => format!("{path}.{field}"),
-        None => path.to_string(),
+    if let Some(field) = unknown {
+        if segments.last().map(String::as_str) != Some(field) {
+            segments.push(field.to_string());
+        }
     }
+    segments.join(".")
 }
 
 #[cfg(unix)]
