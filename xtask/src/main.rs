@@ -1,0 +1,284 @@
+//! `cargo xtask`: builds the lapce-ai volt (wasm + native binaries), installs it and packages it.
+
+use std::{
+    ffi::OsString,
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "xtask", about = "Build, install and package the lapce-ai volt")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Build everything and install the volt folder where Lapce loads plugins.
+    Install {
+        /// Volt folder to create (default: Lapce's plugin folder, `.../lapce-stable/plugins/lapce-ai`).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Do not fetch the default model.
+        #[arg(long)]
+        skip_model: bool,
+    },
+    /// Build everything and write the volt folder as a `.tar.gz`.
+    Package {
+        /// Archive to write (default: `<target>/lapce-ai-<version>-<os>-<arch>.tar.gz`).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Only build the wasm volt.
+    Wasm,
+}
+
+const VOLT_NAME: &str = "lapce-ai";
+const WASM_TARGET: &str = "wasm32-wasip1";
+const BRIDGE: &str = "lapce-ai-lsp";
+const ENGINE: &str = "ai-engine";
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let ws = Workspace::locate()?;
+    match cli.command {
+        Cmd::Wasm => {
+            let wasm = ws.build_wasm()?;
+            println!("built {}", wasm.display());
+        }
+        Cmd::Install { dir, skip_model } => {
+            let dir = match dir {
+                Some(d) => d,
+                None => default_plugin_dir()?,
+            };
+            ws.build_and_lay_out(&dir)?;
+            println!("installed the lapce-ai volt in {}", dir.display());
+            if !skip_model {
+                ensure_model(&ws, &dir);
+            }
+            print_usage(&dir);
+        }
+        Cmd::Package { out } => {
+            let staging = ws.target_dir.join("volt").join(VOLT_NAME);
+            if staging.exists() {
+                fs::remove_dir_all(&staging)
+                    .with_context(|| format!("clearing {}", staging.display()))?;
+            }
+            ws.build_and_lay_out(&staging)?;
+            let out = out.unwrap_or_else(|| {
+                ws.target_dir.join(format!(
+                    "{VOLT_NAME}-{}-{}-{}.tar.gz",
+                    env!("CARGO_PKG_VERSION"),
+                    std::env::consts::OS,
+                    std::env::consts::ARCH
+                ))
+            });
+            write_tar_gz(&staging, &out)?;
+            println!("wrote {}", out.display());
+        }
+    }
+    Ok(())
+}
+
+struct Workspace {
+    root: PathBuf,
+    target_dir: PathBuf,
+    cargo: OsString,
+}
+
+impl Workspace {
+    fn locate() -> Result<Self> {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .context("xtask has no parent folder")?
+            .to_path_buf();
+        let target_dir = match std::env::var_os("CARGO_TARGET_DIR") {
+            Some(t) if Path::new(&t).is_absolute() => PathBuf::from(t),
+            Some(t) => root.join(t),
+            None => root.join("target"),
+        };
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        Ok(Self {
+            root,
+            target_dir,
+            cargo,
+        })
+    }
+
+    fn cargo(&self, args: &[&str]) -> Result<()> {
+        println!("$ cargo {}", args.join(" "));
+        let status = Command::new(&self.cargo)
+            .args(args)
+            .current_dir(&self.root)
+            .env("CARGO_TARGET_DIR", &self.target_dir)
+            .status()
+            .context("running cargo")?;
+        if !status.success() {
+            bail!("cargo {} failed ({status})", args.join(" "));
+        }
+        Ok(())
+    }
+
+    fn build_wasm(&self) -> Result<PathBuf> {
+        self.cargo(&[
+            "build",
+            "--release",
+            "--target",
+            WASM_TARGET,
+            "-p",
+            "lapce-ai-volt",
+        ])
+        .context(format!(
+            "building the volt (is the target installed? `rustup target add {WASM_TARGET}`)"
+        ))?;
+        Ok(self
+            .target_dir
+            .join(WASM_TARGET)
+            .join("release")
+            .join("lapce_ai_volt.wasm"))
+    }
+
+    fn build_native(&self) -> Result<(PathBuf, PathBuf)> {
+        self.cargo(&[
+            "build",
+            "--release",
+            "-p",
+            BRIDGE,
+            "--bin",
+            BRIDGE,
+            "-p",
+            ENGINE,
+            "--bin",
+            ENGINE,
+        ])?;
+        let exe = std::env::consts::EXE_SUFFIX;
+        let release = self.target_dir.join("release");
+        Ok((
+            release.join(format!("{BRIDGE}{exe}")),
+            release.join(format!("{ENGINE}{exe}")),
+        ))
+    }
+
+    /// Builds and writes the volt folder: volt.toml, lapce-ai.wasm, icon, bin/<name>-<os>-<arch>.
+    fn build_and_lay_out(&self, dir: &Path) -> Result<()> {
+        let wasm = self.build_wasm()?;
+        let (bridge, engine) = self.build_native()?;
+        let bin = dir.join("bin");
+        fs::create_dir_all(&bin).with_context(|| format!("creating {}", bin.display()))?;
+        copy_replacing(&self.root.join("volt.toml"), &dir.join("volt.toml"))?;
+        copy_replacing(&self.root.join("icon.svg"), &dir.join("icon.svg"))?;
+        copy_replacing(&wasm, &dir.join(format!("{VOLT_NAME}.wasm")))?;
+        copy_replacing(&bridge, &bin.join(platform_name(BRIDGE)))?;
+        copy_replacing(&engine, &bin.join(platform_name(ENGINE)))?;
+        Ok(())
+    }
+}
+
+/// `name-<os>-<arch>[.exe]`, the names the volt and the bridge look for.
+fn platform_name(name: &str) -> String {
+    format!(
+        "{name}-{}-{}{}",
+        std::env::consts::OS,
+        std::env::consts::ARCH,
+        std::env::consts::EXE_SUFFIX
+    )
+}
+
+/// Copies through a temporary file and renames, so a running binary is never overwritten in place.
+fn copy_replacing(from: &Path, to: &Path) -> Result<()> {
+    let tmp = to.with_extension("installing");
+    fs::copy(from, &tmp)
+        .with_context(|| format!("copying {} to {}", from.display(), tmp.display()))?;
+    fs::rename(&tmp, to).with_context(|| format!("replacing {}", to.display()))?;
+    Ok(())
+}
+
+/// Lapce's plugin folder for the stable build.
+fn default_plugin_dir() -> Result<PathBuf> {
+    use etcetera::BaseStrategy;
+    let base = if cfg!(target_os = "macos") {
+        etcetera::home_dir()
+            .context("no home folder")?
+            .join("Library/Application Support/dev.lapce.Lapce-Stable")
+    } else if cfg!(windows) {
+        etcetera::choose_base_strategy()
+            .context("no data folder")?
+            .data_dir()
+            .join("lapce/Lapce-Stable/data")
+    } else {
+        etcetera::choose_base_strategy()
+            .context("no XDG data folder")?
+            .data_dir()
+            .join("lapce-stable")
+    };
+    Ok(base.join("plugins").join(VOLT_NAME))
+}
+
+/// Makes sure the engine has its default model; failure is reported, not fatal.
+fn ensure_model(ws: &Workspace, dir: &Path) {
+    let engine = dir.join("bin").join(platform_name(ENGINE));
+    println!("$ {} models pull", engine.display());
+    let pulled = Command::new(&engine).args(["models", "pull"]).status();
+    match pulled {
+        Ok(s) if s.success() => {
+            println!("the default model is present");
+            return;
+        }
+        Ok(s) => println!("`ai-engine models pull` failed ({s})"),
+        Err(err) => println!("cannot run {}: {err}", engine.display()),
+    }
+    let script = ws.root.join("scripts").join("fetch-test-model.sh");
+    if script.is_file() {
+        println!("$ bash {}", script.display());
+        match Command::new("bash")
+            .arg(&script)
+            .current_dir(&ws.root)
+            .status()
+        {
+            Ok(s) if s.success() => {
+                println!("fetched the test model");
+                return;
+            }
+            Ok(s) => println!("{} failed ({s})", script.display()),
+            Err(err) => println!("cannot run {}: {err}", script.display()),
+        }
+    }
+    println!(
+        "warning: no model was installed. Completions need one: run `{} models pull` later, \
+         or configure a remote provider profile for ai-engine.",
+        engine.display()
+    );
+}
+
+fn print_usage(dir: &Path) {
+    println!();
+    println!(
+        "Lapce loads every folder in its plugins directory on start; restart Lapce to use it."
+    );
+    println!(
+        "For a folder outside it (development): lapce --plugin-path {}",
+        dir.display()
+    );
+    println!("Enable ghost text in Lapce: editor.enable-inline-completion = true");
+    println!("Settings go in settings.toml under [lapce-ai] (enabled, profile, debounce-ms, max-lines, ...).");
+}
+
+/// Writes `dir`'s contents (not the folder itself) as a gzipped tar, as Lapce unpacks volts.
+fn write_tar_gz(dir: &Path, out: &Path) -> Result<()> {
+    if let Some(parent) = out.parent() {
+        fs::create_dir_all(parent)?;
+    }
+    let file = fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
+    let gz = flate2::write::GzEncoder::new(file, flate2::Compression::default());
+    let mut tar = tar::Builder::new(gz);
+    tar.follow_symlinks(true);
+    tar.append_dir_all(".", dir)
+        .with_context(|| format!("archiving {}", dir.display()))?;
+    tar.into_inner()?.finish()?;
+    Ok(())
+}
