@@ -1,5 +1,6 @@
 //! Finding and starting the `ai-engine` daemon on demand; shared by the CLI and the editor bridge.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -38,10 +39,12 @@ pub fn locate_engine(explicit: Option<&Path>) -> Option<PathBuf> {
     })
 }
 
-/// Runs `<engine> serve --detach --endpoint <name>` (same rendezvous root) and waits for it to daemonize.
-pub fn start_engine_detached(engine: &Path, endpoint: &Endpoint) -> std::io::Result<()> {
+/// Runs `<engine> [extra args] serve --detach --endpoint <name>` (same rendezvous root) and waits for it to
+/// daemonize. `extra_args` are global engine options such as `--config FILE`.
+pub fn start_engine_detached(engine: &Path, extra_args: &[OsString], endpoint: &Endpoint) -> std::io::Result<()> {
     tracing::info!(engine = %engine.display(), endpoint = endpoint.name(), "starting the engine");
     let status = Command::new(engine)
+        .args(extra_args)
         .args(["serve", "--detach", "--endpoint", endpoint.name()])
         .env(RUNTIME_DIR_ENV, endpoint.root())
         .stdin(Stdio::null())
@@ -61,7 +64,7 @@ pub fn start_engine_detached(engine: &Path, endpoint: &Endpoint) -> std::io::Res
     }
 }
 
-/// An [`EngineStarter`] that starts `engine` detached.
-pub fn starter(engine: PathBuf) -> EngineStarter {
-    Arc::new(move |endpoint: &Endpoint| start_engine_detached(&engine, endpoint))
+/// An [`EngineStarter`] that starts `engine` detached with `extra_args`.
+pub fn starter(engine: PathBuf, extra_args: Vec<OsString>) -> EngineStarter {
+    Arc::new(move |endpoint: &Endpoint| start_engine_detached(&engine, &extra_args, endpoint))
 }

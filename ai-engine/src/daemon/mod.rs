@@ -1,0 +1,280 @@
+//! The daemon: serves the engine on a transport endpoint, one task per request, with cancel and shutdown.
+
+pub mod detach;
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use futures::FutureExt;
+use lapce_ai_transport::protocol::{
+    Cancel, ChatRequest, CompletionRequest, ErrorCode, MessageType, Usage,
+};
+use lapce_ai_transport::server::{DisconnectReason, ServerConnection, ServerHandler, StreamSender};
+use lapce_ai_transport::{Endpoint, ReceivedMessage, Server, ServerOptions, TransportError};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::EngineConfig;
+use crate::engine::{Engine, EngineError, Outcome, ProviderFactory, TextSink};
+
+/// A request in flight: (slot, connection generation, request id).
+type RequestKey = (u32, u64, u64);
+
+/// Connects transport callbacks (reactor thread) to engine tasks (tokio runtime).
+pub struct DaemonHandler {
+    engine: Arc<Engine>,
+    runtime: tokio::runtime::Handle,
+    in_flight: Mutex<HashMap<RequestKey, CancellationToken>>,
+    connections: AtomicU32,
+    /// Cancelled when a client asks the engine to stop.
+    pub shutdown: CancellationToken,
+}
+
+enum Job {
+    Complete(CompletionRequest),
+    Chat(ChatRequest),
+}
+
+struct StreamSink<'a>(&'a mut StreamSender);
+
+impl TextSink for StreamSink<'_> {
+    async fn send(&mut self, text: &str) -> Result<(), String> {
+        self.0.chunk(text).await.map_err(|e| e.to_string())
+    }
+}
+
+impl DaemonHandler {
+    pub fn new(engine: Arc<Engine>, runtime: tokio::runtime::Handle) -> Arc<Self> {
+        Arc::new(Self {
+            engine,
+            runtime,
+            in_flight: Mutex::new(HashMap::new()),
+            connections: AtomicU32::new(0),
+            shutdown: CancellationToken::new(),
+        })
+    }
+
+    fn in_flight(&self) -> std::sync::MutexGuard<'_, HashMap<RequestKey, CancellationToken>> {
+        self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn key(connection: &ServerConnection, id: u64) -> RequestKey {
+        (connection.slot(), connection.generation(), id)
+    }
+
+    fn start(self: &Arc<Self>, connection: &Arc<ServerConnection>, id: u64, job: Job) {
+        let token = CancellationToken::new();
+        let key = Self::key(connection, id);
+        if self.in_flight().insert(key, token.clone()).is_some() {
+            tracing::warn!(
+                id,
+                "request id reused while in flight; the older request is orphaned"
+            );
+        }
+        let this = Arc::clone(self);
+        let connection = Arc::clone(connection);
+        self.runtime.spawn(async move {
+            let mut stream = connection.open_stream(id);
+            let work = async {
+                let mut sink = StreamSink(&mut stream);
+                match job {
+                    Job::Complete(request) => {
+                        this.engine.complete(request, &mut sink, &token).await
+                    }
+                    Job::Chat(request) => this.engine.chat(request, &mut sink, &token).await,
+                }
+            };
+            // A panic in one request must not take the daemon down: it becomes that request's error.
+            let result = AssertUnwindSafe(work).catch_unwind().await;
+            let sent = match result {
+                Ok(Ok(outcome)) => finish(stream, outcome).await,
+                Ok(Err(EngineError::ClientGone(why))) => {
+                    tracing::debug!(id, %why, "client went away mid-stream");
+                    Ok(())
+                }
+                Ok(Err(error)) => {
+                    tracing::info!(id, code = ?error.code(), %error, "request failed");
+                    stream.fail(error.code(), error.to_string()).await
+                }
+                Err(panic) => {
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| (*s).to_owned())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "unknown panic".into());
+                    tracing::error!(id, %what, "request panicked");
+                    stream
+                        .fail(
+                            ErrorCode::Internal,
+                            format!("internal error in the engine: {what}"),
+                        )
+                        .await
+                }
+            };
+            if let Err(e) = sent {
+                tracing::debug!(id, error = %e, "could not deliver the terminal frame");
+            }
+            this.in_flight().remove(&key);
+        });
+    }
+
+    fn reply_error(
+        &self,
+        connection: &Arc<ServerConnection>,
+        id: u64,
+        code: ErrorCode,
+        message: String,
+    ) {
+        let connection = Arc::clone(connection);
+        self.runtime.spawn(async move {
+            let _ = connection.send_error(id, code, message).await;
+        });
+    }
+}
+
+async fn finish(stream: StreamSender, outcome: Outcome) -> Result<(), TransportError> {
+    let usage = Usage {
+        prompt_tokens: outcome.usage.prompt_tokens,
+        completion_tokens: outcome.usage.completion_tokens,
+    };
+    stream
+        .end(
+            outcome.finish_reason,
+            usage,
+            outcome
+                .time_to_first_token
+                .map_or(0, |d| d.as_micros() as u64),
+            outcome.total.as_micros() as u64,
+        )
+        .await
+}
+
+/// The handler registered with the transport (the reactor calls it; it only dispatches).
+pub struct Handler(pub Arc<DaemonHandler>);
+
+impl ServerHandler for Handler {
+    fn on_connect(&self, connection: &Arc<ServerConnection>) {
+        self.0.connections.fetch_add(1, Ordering::AcqRel);
+        tracing::debug!(slot = connection.slot(), client = %connection.client_name(), "client connected");
+    }
+
+    fn on_message(&self, connection: &Arc<ServerConnection>, message: &ReceivedMessage<'_>) {
+        let daemon = &self.0;
+        let id = message.id();
+        match message.message_type() {
+            Some(MessageType::CompletionRequest) => {
+                match message.decode_owned::<CompletionRequest>() {
+                    Ok(request) => daemon.start(connection, id, Job::Complete(request)),
+                    Err(e) => {
+                        daemon.reply_error(connection, id, ErrorCode::InvalidPayload, e.to_string())
+                    }
+                }
+            }
+            Some(MessageType::ChatRequest) => match message.decode_owned::<ChatRequest>() {
+                Ok(request) => daemon.start(connection, id, Job::Chat(request)),
+                Err(e) => {
+                    daemon.reply_error(connection, id, ErrorCode::InvalidPayload, e.to_string())
+                }
+            },
+            Some(MessageType::Cancel) => match message.decode::<Cancel>() {
+                Ok(cancel) => {
+                    let key = DaemonHandler::key(connection, cancel.request_id.to_native());
+                    if let Some(token) = daemon.in_flight().get(&key) {
+                        token.cancel();
+                    }
+                }
+                Err(e) => {
+                    daemon.reply_error(connection, id, ErrorCode::InvalidPayload, e.to_string())
+                }
+            },
+            Some(MessageType::StatusRequest) => {
+                let status = daemon
+                    .engine
+                    .status(daemon.connections.load(Ordering::Acquire));
+                let connection = Arc::clone(connection);
+                daemon.runtime.spawn(async move {
+                    let _ = connection.send(id, &status).await;
+                });
+            }
+            Some(MessageType::Shutdown) => {
+                tracing::info!(client = %connection.client_name(), "shutdown requested");
+                daemon.shutdown.cancel();
+            }
+            other => daemon.reply_error(
+                connection,
+                id,
+                ErrorCode::BadRequest,
+                format!(
+                    "the engine does not accept {:?} from clients",
+                    other.map(MessageType::name)
+                ),
+            ),
+        }
+    }
+
+    fn on_disconnect(&self, connection: &Arc<ServerConnection>, reason: &DisconnectReason) {
+        let daemon = &self.0;
+        daemon.connections.fetch_sub(1, Ordering::AcqRel);
+        let (slot, generation) = (connection.slot(), connection.generation());
+        let mut cancelled = 0;
+        for (key, token) in daemon.in_flight().iter() {
+            if key.0 == slot && key.1 == generation {
+                token.cancel();
+                cancelled += 1;
+            }
+        }
+        tracing::debug!(slot, ?reason, cancelled, "client disconnected");
+    }
+}
+
+/// Runs the engine in the foreground until a `Shutdown` message, SIGINT or SIGTERM.
+pub fn serve(
+    config: EngineConfig,
+    endpoint: &Endpoint,
+    factory: ProviderFactory,
+) -> Result<(), TransportError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("ai-engine-worker")
+        .enable_all()
+        .build()
+        .map_err(|e| TransportError::io("starting the async runtime", e))?;
+    let engine = Engine::new(config, factory, endpoint.name());
+    let daemon = DaemonHandler::new(Arc::clone(&engine), runtime.handle().clone());
+    let options = ServerOptions {
+        server_name: format!("ai-engine {}", env!("CARGO_PKG_VERSION")),
+        ..ServerOptions::default()
+    };
+    let server = Server::bind(endpoint, options, Arc::new(Handler(Arc::clone(&daemon))))?;
+    engine.warm_up();
+    tracing::info!(
+        endpoint = endpoint.name(),
+        pid = std::process::id(),
+        "ai-engine serving"
+    );
+    runtime.block_on(async {
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let terminated = async {
+            match terminate.as_mut() {
+                Some(signal) => {
+                    signal.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            () = daemon.shutdown.cancelled() => {}
+            _ = tokio::signal::ctrl_c() => tracing::info!("interrupted"),
+            () = terminated => tracing::info!("terminated"),
+        }
+    });
+    for token in daemon.in_flight().values() {
+        token.cancel();
+    }
+    server.shutdown();
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    tracing::info!("ai-engine stopped");
+    Ok(())
+}

@@ -1,0 +1,105 @@
+//! Profile name -> provider instance, built on first use and shared by every connection.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use crate::config::{EngineConfig, ProfileConfig, ProviderKind};
+use crate::provider::anthropic::AnthropicProvider;
+use crate::provider::gemini::GeminiProvider;
+use crate::provider::mistral::MistralProvider;
+use crate::provider::ollama::OllamaProvider;
+use crate::provider::openai::OpenAiProvider;
+use crate::provider::{Provider, ProviderError};
+
+/// Builds a provider for a profile. Replaceable so tests and benchmarks can inject instant fakes.
+pub type ProviderFactory =
+    Arc<dyn Fn(&ProfileConfig) -> Result<Arc<dyn Provider>, ProviderError> + Send + Sync>;
+
+/// Lazily built providers, one per profile.
+pub struct ProviderRegistry {
+    factory: ProviderFactory,
+    built: Mutex<HashMap<String, Arc<dyn Provider>>>,
+}
+
+impl ProviderRegistry {
+    pub fn new(factory: ProviderFactory) -> Self {
+        Self {
+            factory,
+            built: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The provider of `profile`, building it on first use. A failed build is not cached (a model pulled
+    /// later, or a key set later, works without restarting the engine).
+    pub fn get(&self, profile: &ProfileConfig) -> Result<Arc<dyn Provider>, ProviderError> {
+        let mut built = self.built.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(provider) = built.get(&profile.name) {
+            return Ok(Arc::clone(provider));
+        }
+        let provider = (self.factory)(profile)?;
+        built.insert(profile.name.clone(), Arc::clone(&provider));
+        Ok(provider)
+    }
+
+    /// The provider if already built (for status output).
+    pub fn peek(&self, name: &str) -> Option<Arc<dyn Provider>> {
+        self.built
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+    }
+}
+
+/// The real factory: one constructor per provider kind.
+pub fn default_factory(_config: &EngineConfig) -> ProviderFactory {
+    Arc::new(
+        |profile: &ProfileConfig| -> Result<Arc<dyn Provider>, ProviderError> {
+            let config_error =
+                |e: crate::config::ConfigError| ProviderError::BadRequest(e.to_string());
+            Ok(match profile.kind {
+                ProviderKind::OpenAiChat | ProviderKind::OpenAiCompletions => {
+                    Arc::new(OpenAiProvider::from_profile(profile).map_err(config_error)?)
+                }
+                ProviderKind::Anthropic => {
+                    Arc::new(AnthropicProvider::from_profile(profile).map_err(config_error)?)
+                }
+                ProviderKind::Ollama => {
+                    Arc::new(OllamaProvider::from_profile(profile).map_err(config_error)?)
+                }
+                ProviderKind::MistralFim => {
+                    Arc::new(MistralProvider::from_profile(profile).map_err(config_error)?)
+                }
+                ProviderKind::Gemini => {
+                    Arc::new(GeminiProvider::from_profile(profile).map_err(config_error)?)
+                }
+                ProviderKind::Embedded => embedded(profile)?,
+            })
+        },
+    )
+}
+
+#[cfg(feature = "embedded")]
+fn embedded(profile: &ProfileConfig) -> Result<Arc<dyn Provider>, ProviderError> {
+    use crate::models::{catalog, resolve_model};
+    use crate::provider::embedded::{EmbeddedOptions, EmbeddedProvider};
+    let entry = catalog::find(&profile.model).unwrap_or_else(catalog::default_entry);
+    let resolved = resolve_model(profile.model_path.as_deref(), entry)
+        .map_err(|e| ProviderError::ModelMissing(e.to_string()))?;
+    let mut options = EmbeddedOptions {
+        model_name: Some(entry.name.to_string()),
+        threads: profile.threads,
+        ..EmbeddedOptions::default()
+    };
+    if let Some(context) = profile.context_tokens {
+        options.context_tokens = context;
+    }
+    Ok(Arc::new(EmbeddedProvider::new(resolved.path, options)))
+}
+
+#[cfg(not(feature = "embedded"))]
+fn embedded(_profile: &ProfileConfig) -> Result<Arc<dyn Provider>, ProviderError> {
+    Err(ProviderError::ModelLoad(
+        "this ai-engine was built without the embedded model (cargo feature `embedded`)".into(),
+    ))
+}
