@@ -119,7 +119,11 @@ impl HttpEndpoint {
     /// `/v1/completions`) does not get it twice.
     pub fn url(&self, path: &str) -> String {
         let base = self.base_url.as_str().trim_end_matches('/');
-        let first_segment_end = path[1..].find('/').map(|i| i + 1).unwrap_or(path.len());
+        let first_segment_end = path
+            .get(1..)
+            .and_then(|rest| rest.find('/'))
+            .map(|i| i + 1)
+            .unwrap_or(path.len());
         let first = &path[..first_segment_end];
         if first.len() > 1 && first_segment_end < path.len() && base.ends_with(first) {
             format!("{base}{}", &path[first_segment_end..])
