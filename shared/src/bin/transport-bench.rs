@@ -511,7 +511,10 @@ fn transport_phases(
     let tenth = (each.len() / 10).max(1);
     let avg_us = |s: &[u64]| s.iter().sum::<u64>() as f64 / s.len().max(1) as f64 / 1e3;
     report.num("connect_first_tenth_avg_us", avg_us(&each[..tenth]));
-    report.num("connect_last_tenth_avg_us", avg_us(&each[each.len() - tenth..]));
+    report.num(
+        "connect_last_tenth_avg_us",
+        avg_us(&each[each.len() - tenth..]),
+    );
     report.num(
         "connect_server_cpu_ms",
         cpu_after.sched_ns.saturating_sub(cpu_before.sched_ns) as f64 / 1e6,
