@@ -1,4 +1,29 @@
 //! Engine configuration: provider profiles, which profile serves completion and chat, and cache settings (`engine.toml`).
+//!
+//! Without a file the engine uses one profile, `embedded` (the catalog default model), for both completion and
+//! chat. An example `$XDG_CONFIG_HOME/lapce-ai/engine.toml`:
+//!
+//! ```toml
+//! completion_profile = "local-fim"
+//! chat_profile = "claude"
+//!
+//! [cache]
+//! entries = 100
+//! ttl_secs = 300
+//!
+//! [profiles.local-fim]
+//! kind = "openai-completions"          # openai-chat, openai-completions, anthropic, ollama, mistral-fim, gemini, embedded
+//! base_url = "http://127.0.0.1:8080"   # a trailing /v1 is fine too
+//! model = "qwen2.5-coder-1.5b"
+//! fim_template = "<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>"
+//! idle_timeout_ms = 5000
+//! max_tokens = 128
+//!
+//! [profiles.claude]
+//! kind = "anthropic"
+//! model = "claude-sonnet-4-5"
+//! api_key_env = "ANTHROPIC_API_KEY"   # the default for this kind; a literal api_key needs a chmod 600 file
+//! ```
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -362,3 +362,25 @@ fn api_key_comes_from_the_named_env_var() {
     );
     assert_eq!(ProviderKind::Ollama.default_api_key_env(), None);
 }
+
+#[test]
+fn documented_example_parses() {
+    let source = include_str!("../src/config.rs");
+    let example: String = source
+        .lines()
+        .skip_while(|l| !l.starts_with("//! ```toml"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("//! ```"))
+        .map(|l| {
+            format!(
+                "{}\n",
+                l.trim_start_matches("//!").strip_prefix(' ').unwrap_or("")
+            )
+        })
+        .collect();
+    assert!(example.contains("[profiles.claude]"), "{example}");
+    let config = EngineConfig::parse(&example, Path::new("example.toml"), true).unwrap();
+    assert_eq!(config.completion().kind, ProviderKind::OpenAiCompletions);
+    assert_eq!(config.completion().idle_timeout, Duration::from_secs(5));
+    assert_eq!(config.chat().kind, ProviderKind::Anthropic);
+}

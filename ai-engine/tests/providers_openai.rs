@@ -467,3 +467,24 @@ async fn wrong_kind_is_a_config_error() {
     let embedded = ProfileConfig::embedded_default();
     assert!(provider_from_profile(&embedded).is_err());
 }
+
+#[tokio::test]
+async fn request_timeout_bounds_a_slow_but_live_stream() {
+    // Bytes keep arriving (so the idle timeout never fires), but the whole request exceeds its limit.
+    let mut steps = Vec::new();
+    for i in 0..40 {
+        steps.push(send(chat_chunk(&i.to_string())));
+    }
+    let server = scripted("text/event-stream", steps).await;
+    let mut prof = profile(ProviderKind::OpenAiChat, &server.url(), "m");
+    prof.idle_timeout = Duration::from_secs(2);
+    prof.request_timeout = Duration::from_millis(400);
+    let p = OpenAiProvider::from_profile(&prof).unwrap();
+    let events = collect(p.generate(chat(None, "x"))).await;
+    assert!(!text(&events).is_empty());
+    match last_error(&events) {
+        ProviderError::Unreachable(m) => assert!(m.contains("timed out"), "{m}"),
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_closed(server.closed).await;
+}
