@@ -1,6 +1,8 @@
 //! The provider interface every model backend implements: a cancellable stream of generated text.
 
 pub mod anthropic;
+#[cfg(feature = "embedded")]
+pub mod embedded;
 pub mod gemini;
 pub mod http;
 pub mod mistral;
