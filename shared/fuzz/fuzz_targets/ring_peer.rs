@@ -168,8 +168,8 @@ fuzz_target!(|input: &[u8]| {
         (0, 0)
     };
     if aligned_start_only() {
-        head = (head & !7) >> 2;
-        tail = (tail & !7) >> 2;
+        head = (head >> 2) & !7;
+        tail = (tail >> 2) & !7;
     }
     let shared = HeapRing::new(capacity, head, tail);
     let indices: *const RingIndices = &*shared.indices;
