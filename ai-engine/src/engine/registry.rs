@@ -4,12 +4,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use crate::config::{EngineConfig, ProfileConfig, ProviderKind};
-use crate::provider::anthropic::AnthropicProvider;
-use crate::provider::gemini::GeminiProvider;
-use crate::provider::mistral::MistralProvider;
-use crate::provider::ollama::OllamaProvider;
-use crate::provider::openai::OpenAiProvider;
-use crate::provider::{Provider, ProviderError};
+use crate::provider::{http, Provider, ProviderError};
 
 /// Builds a provider for a profile. Replaceable so tests and benchmarks can inject instant fakes.
 pub type ProviderFactory =
@@ -51,30 +46,15 @@ impl ProviderRegistry {
     }
 }
 
-/// The real factory: one constructor per provider kind.
+/// The real factory: HTTP providers by wire format, the embedded model for `embedded` profiles.
 pub fn default_factory(_config: &EngineConfig) -> ProviderFactory {
     Arc::new(
         |profile: &ProfileConfig| -> Result<Arc<dyn Provider>, ProviderError> {
-            let config_error =
-                |e: crate::config::ConfigError| ProviderError::BadRequest(e.to_string());
-            Ok(match profile.kind {
-                ProviderKind::OpenAiChat | ProviderKind::OpenAiCompletions => {
-                    Arc::new(OpenAiProvider::from_profile(profile).map_err(config_error)?)
-                }
-                ProviderKind::Anthropic => {
-                    Arc::new(AnthropicProvider::from_profile(profile).map_err(config_error)?)
-                }
-                ProviderKind::Ollama => {
-                    Arc::new(OllamaProvider::from_profile(profile).map_err(config_error)?)
-                }
-                ProviderKind::MistralFim => {
-                    Arc::new(MistralProvider::from_profile(profile).map_err(config_error)?)
-                }
-                ProviderKind::Gemini => {
-                    Arc::new(GeminiProvider::from_profile(profile).map_err(config_error)?)
-                }
-                ProviderKind::Embedded => embedded(profile)?,
-            })
+            match profile.kind {
+                ProviderKind::Embedded => embedded(profile),
+                _ => http::provider_from_profile(profile)
+                    .map_err(|e| ProviderError::BadRequest(e.to_string())),
+            }
         },
     )
 }

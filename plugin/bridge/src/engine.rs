@@ -1,147 +1,154 @@
-//! The real backend: the ai-engine daemon over the shared-memory transport, and finding its binary.
-//!
-//! The transport crate's async client is not ready yet; until it is, [`EngineBackend`] reports the
-//! engine as unavailable (one message to the user) and the bridge answers `[]`. To finish it:
-//! connect with the client for `settings.endpoint` (starting the engine found by [`find_engine`]
-//! when nobody serves the endpoint), send the `CompletionRequest`, map `StreamChunk`s to stream items,
-//! `StreamEnd` to the end of the stream and `ErrorMessage` codes to [`BackendErrorKind`]s, and send
-//! `Cancel` when the stream is dropped.
+//! The real backend: the ai-engine daemon over the shared-memory transport, started on demand.
 
-use std::{
-    path::{Path, PathBuf},
-    sync::Mutex,
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{FutureExt, StreamExt};
+use lapce_ai_transport::protocol::ErrorCode;
+use lapce_ai_transport::{
+    autostart, ClientOptions, Endpoint, ReconnectingClient, ResponseStream, StreamEvent,
+    TransportError,
 };
-
-use futures::FutureExt;
 
 use crate::backend::{
     BackendError, BackendErrorKind, CompletionBackend, CompletionRequest, CompletionStream,
     EngineSettings,
 };
 
-/// Name of the engine binary; shipped as `ai-engine-<os>-<arch>` next to the bridge in the volt.
-pub const ENGINE_NAME: &str = "ai-engine";
+/// How long one request may wait for an engine to start (the engine itself is ready in milliseconds; the
+/// first completion may then wait for the model to load, which is not counted here).
+const ENGINE_START_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// The ai-engine client backend.
-#[derive(Debug, Default)]
+/// The ai-engine client backend. One connection per bridge, re-established when the engine restarts.
+#[derive(Default)]
 pub struct EngineBackend {
-    settings: Mutex<EngineSettings>,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    settings: EngineSettings,
+    /// Built lazily inside the runtime; replaced when the endpoint or engine binary setting changes.
+    client: Option<Arc<ReconnectingClient>>,
 }
 
 impl EngineBackend {
     pub fn new(settings: EngineSettings) -> Self {
         Self {
-            settings: Mutex::new(settings),
+            state: Mutex::new(State {
+                settings,
+                client: None,
+            }),
         }
     }
 
-    fn settings(&self) -> EngineSettings {
-        match self.settings.lock() {
-            Ok(s) => s.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The connection for the current settings (must be called inside the tokio runtime).
+    fn client(&self) -> Result<Arc<ReconnectingClient>, BackendError> {
+        let mut state = self.state();
+        if let Some(client) = &state.client {
+            return Ok(Arc::clone(client));
         }
+        let endpoint_name = if state.settings.endpoint.is_empty() {
+            lapce_ai_transport::endpoint::DEFAULT_ENDPOINT
+        } else {
+            state.settings.endpoint.as_str()
+        };
+        let endpoint = Endpoint::named(endpoint_name)
+            .map_err(|e| BackendError::new(BackendErrorKind::Config, e.to_string()))?;
+        let explicit =
+            Some(PathBuf::from(&state.settings.engine_path)).filter(|p| !p.as_os_str().is_empty());
+        let starter = find_engine(explicit).map(|engine| autostart::starter(engine, Vec::new()));
+        let options = ClientOptions {
+            client_name: format!("lapce-ai-lsp pid {}", std::process::id()),
+            ..ClientOptions::default()
+        };
+        let client = Arc::new(ReconnectingClient::new(
+            endpoint,
+            options,
+            starter,
+            ENGINE_START_TIMEOUT,
+        ));
+        state.client = Some(Arc::clone(&client));
+        Ok(client)
     }
 }
 
 impl CompletionBackend for EngineBackend {
     fn complete(
         &self,
-        _request: CompletionRequest,
+        request: CompletionRequest,
     ) -> futures::future::BoxFuture<'static, Result<CompletionStream, BackendError>> {
-        let settings = self.settings();
+        let client = self.client();
         async move {
-            let engine = find_engine(&settings.engine_path);
-            let where_ = match &engine {
-                Some(path) => format!("found {}", path.display()),
-                None => "no ai-engine binary found".to_owned(),
-            };
-            Err(BackendError::new(
-                BackendErrorKind::EngineUnavailable,
-                format!(
-                    "cannot reach ai-engine endpoint {:?}: this bridge build has no engine client yet ({where_})",
-                    settings.endpoint
-                ),
-            ))
+            let client = client?;
+            let stream = client.request(&request).await.map_err(backend_error)?;
+            Ok(chunks(stream))
         }
         .boxed()
     }
 
     fn reconfigure(&self, settings: &EngineSettings) {
-        match self.settings.lock() {
-            Ok(mut s) => *s = settings.clone(),
-            Err(poisoned) => *poisoned.into_inner() = settings.clone(),
+        let mut state = self.state();
+        if state.settings != *settings {
+            state.settings = settings.clone();
+            state.client = None;
         }
     }
 }
 
-/// Where the engine binary is: the `engine-path` setting if given, else next to this bridge
-/// (`ai-engine-<os>-<arch>`, then `ai-engine`), else on PATH.
-pub fn find_engine(engine_path: &str) -> Option<PathBuf> {
-    if !engine_path.is_empty() {
-        let p = PathBuf::from(engine_path);
-        return is_file(&p).then_some(p);
-    }
-    let beside = std::env::current_exe()
-        .ok()
-        .and_then(|exe| exe.parent().map(Path::to_path_buf));
-    find_engine_in(beside.as_deref(), std::env::var_os("PATH").as_deref())
-}
-
-/// [`find_engine`] without the setting, with the bridge's folder and PATH given.
-pub fn find_engine_in(
-    bridge_dir: Option<&Path>,
-    path: Option<&std::ffi::OsStr>,
-) -> Option<PathBuf> {
-    let exe = std::env::consts::EXE_SUFFIX;
-    let platform = format!(
-        "{ENGINE_NAME}-{}-{}{exe}",
-        std::env::consts::OS,
-        std::env::consts::ARCH
-    );
-    let plain = format!("{ENGINE_NAME}{exe}");
-    if let Some(dir) = bridge_dir {
-        for name in [&platform, &plain] {
-            let p = dir.join(name);
-            if is_file(&p) {
-                return Some(p);
-            }
+/// Adapts a transport response stream to the bridge's chunk stream. Dropping it cancels the request.
+fn chunks(stream: ResponseStream) -> CompletionStream {
+    futures::stream::unfold(Some(stream), |state| async move {
+        let mut stream = state?;
+        match stream.next().await? {
+            Ok(StreamEvent::Chunk { text, .. }) => Some((Ok(text), Some(stream))),
+            Ok(StreamEvent::End(_)) => None,
+            Err(e) => Some((Err(backend_error(e)), None)),
         }
-    }
-    std::env::split_paths(path?)
-        .map(|dir| dir.join(&plain))
-        .find(|p| is_file(p))
+    })
+    .boxed()
 }
 
-fn is_file(p: &Path) -> bool {
-    std::fs::metadata(p).map(|m| m.is_file()).unwrap_or(false)
+/// Classifies transport and engine errors into what the user should be told.
+fn backend_error(error: TransportError) -> BackendError {
+    let kind = match &error {
+        TransportError::Remote { code, .. } => match code {
+            ErrorCode::ModelMissing => BackendErrorKind::ModelMissing,
+            ErrorCode::ProviderAuth | ErrorCode::ProviderForbidden => BackendErrorKind::Auth,
+            ErrorCode::ProviderRateLimited => BackendErrorKind::RateLimited,
+            ErrorCode::ProviderNotFound
+            | ErrorCode::ProviderServer
+            | ErrorCode::ProviderUnreachable
+            | ErrorCode::ProviderProtocol
+            | ErrorCode::ModelLoad => BackendErrorKind::Provider,
+            ErrorCode::BadRequest | ErrorCode::Config => BackendErrorKind::Config,
+            ErrorCode::Cancelled => BackendErrorKind::Cancelled,
+            _ => BackendErrorKind::Internal,
+        },
+        TransportError::NoServer(_)
+        | TransportError::ServerGone(_)
+        | TransportError::Closed(_)
+        | TransportError::Io { .. }
+        | TransportError::Timeout(_) => BackendErrorKind::EngineUnavailable,
+        TransportError::InvalidEndpoint(_) | TransportError::UnsafeRendezvous(_) => {
+            BackendErrorKind::Config
+        }
+        _ => BackendErrorKind::Internal,
+    };
+    let message = match &error {
+        TransportError::Remote { message, .. } => message.clone(),
+        other => other.to_string(),
+    };
+    BackendError::new(kind, message)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn prefers_the_binary_beside_the_bridge() {
-        let beside = tempfile::tempdir().expect("tmp");
-        let on_path = tempfile::tempdir().expect("tmp");
-        let platform = format!(
-            "ai-engine-{}-{}{}",
-            std::env::consts::OS,
-            std::env::consts::ARCH,
-            std::env::consts::EXE_SUFFIX
-        );
-        let plain = format!("ai-engine{}", std::env::consts::EXE_SUFFIX);
-        std::fs::write(on_path.path().join(&plain), b"x").expect("write");
-        let path_var = std::env::join_paths([on_path.path()]).expect("join");
-        assert_eq!(
-            find_engine_in(Some(beside.path()), Some(&path_var)),
-            Some(on_path.path().join(&plain))
-        );
-        std::fs::write(beside.path().join(&platform), b"x").expect("write");
-        assert_eq!(
-            find_engine_in(Some(beside.path()), Some(&path_var)),
-            Some(beside.path().join(&platform))
-        );
-        assert_eq!(find_engine_in(None, None), None);
-    }
+/// Where the engine binary is: the `engine-path` setting, else next to this bridge (`ai-engine` or
+/// `ai-engine-<os>-<arch>`, as the volt ships it), else on PATH.
+pub fn find_engine(explicit: Option<PathBuf>) -> Option<PathBuf> {
+    autostart::locate_engine(explicit.as_deref())
 }

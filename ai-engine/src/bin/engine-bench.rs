@@ -1,0 +1,425 @@
+//! `engine-bench`: engine overhead through the transport, embedded-model TTFT cold vs warm, idle daemon cost.
+//!
+//! One run prints a side-by-side table (and `--json`): completion round trips through the real transport with an
+//! instant in-process provider next to the same pipeline called directly; time to first token for the embedded
+//! model on a cold prompt and on the same prompt extended by a keystroke; idle daemon CPU and memory.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ai_engine::config::{EngineConfig, ProfileConfig, ProviderKind};
+use ai_engine::daemon::{DaemonHandler, Handler};
+use ai_engine::engine::{Engine, ProviderFactory, TextSink};
+use ai_engine::provider::{
+    GenerationEvent, GenerationRequest, Provider, ProviderError, StopReason, TokenUsage,
+};
+use clap::Parser;
+use futures::stream::BoxStream;
+use lapce_ai_transport::protocol::{CompletionMode, CompletionRequest};
+use lapce_ai_transport::{
+    AsyncClient, ClientOptions, Endpoint, Server, ServerOptions, StreamEvent,
+};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(about = "ai-engine benchmark (overhead, embedded TTFT, idle cost)")]
+struct Args {
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Fewer iterations (smoke test).
+    #[arg(long)]
+    quick: bool,
+    /// GGUF model for the embedded measurements (default: LAPCE_AI_MODEL, then the model cache).
+    #[arg(long)]
+    model: Option<PathBuf>,
+}
+
+/// A provider that answers instantly, so only engine + transport overhead is measured.
+struct InstantProvider;
+
+impl Provider for InstantProvider {
+    fn kind(&self) -> &str {
+        "instant"
+    }
+    fn model(&self) -> &str {
+        "instant"
+    }
+    fn supports_native_fim(&self) -> bool {
+        true
+    }
+    fn generate(
+        &self,
+        _request: GenerationRequest,
+    ) -> BoxStream<'static, Result<GenerationEvent, ProviderError>> {
+        Box::pin(futures::stream::iter([
+            Ok(GenerationEvent::Text("a + b".into())),
+            Ok(GenerationEvent::Finished {
+                reason: StopReason::Stop,
+                usage: TokenUsage::default(),
+            }),
+        ]))
+    }
+}
+
+fn instant_config() -> EngineConfig {
+    let mut config = EngineConfig::default();
+    let profile = ProfileConfig::new("instant", ProviderKind::OpenAiCompletions, "instant");
+    config.profiles.insert("instant".into(), profile);
+    config.completion_profile = "instant".into();
+    config.chat_profile = "instant".into();
+    config
+}
+
+fn instant_factory() -> ProviderFactory {
+    Arc::new(|_profile: &ProfileConfig| Ok(Arc::new(InstantProvider) as Arc<dyn Provider>))
+}
+
+fn request(i: usize) -> CompletionRequest {
+    CompletionRequest {
+        language_id: "python".into(),
+        // A distinct first line per request keeps the cache out of the measurement.
+        prefix: format!("# request {i}\ndef add(a, b):\n    return "),
+        suffix: "\n".into(),
+        mode: CompletionMode::Auto,
+        ..CompletionRequest::default()
+    }
+}
+
+struct Percentiles {
+    p50: Duration,
+    p99: Duration,
+}
+
+fn percentiles(mut samples: Vec<Duration>) -> Percentiles {
+    samples.sort_unstable();
+    let at = |p: f64| samples[((samples.len() - 1) as f64 * p).round() as usize];
+    Percentiles {
+        p50: at(0.50),
+        p99: at(0.99),
+    }
+}
+
+struct VecSink(String);
+
+impl TextSink for VecSink {
+    async fn send(&mut self, text: &str) -> Result<(), String> {
+        self.0.push_str(text);
+        Ok(())
+    }
+}
+
+/// Completion overhead: direct pipeline call vs the same through the transport (client in this process,
+/// reactor + engine tasks as in the daemon).
+async fn overhead(iterations: usize) -> (Percentiles, Percentiles) {
+    let engine = Engine::new(instant_config(), instant_factory(), "bench");
+    let cancel = CancellationToken::new();
+    let mut direct = Vec::with_capacity(iterations);
+    for i in 0..iterations {
+        let mut sink = VecSink(String::new());
+        let started = Instant::now();
+        engine
+            .complete(request(i), &mut sink, &cancel)
+            .await
+            .expect("direct completion");
+        direct.push(started.elapsed());
+        assert_eq!(sink.0, "a + b");
+    }
+
+    let root = tempfile::tempdir().expect("temp dir");
+    set_private(root.path());
+    let endpoint = Endpoint::in_root("engine-bench", root.path()).expect("endpoint");
+    let engine = Engine::new(instant_config(), instant_factory(), "bench");
+    let daemon = DaemonHandler::new(Arc::clone(&engine), tokio::runtime::Handle::current());
+    let server = Server::bind(
+        &endpoint,
+        ServerOptions::default(),
+        Arc::new(Handler(daemon)),
+    )
+    .expect("bind");
+    let client = AsyncClient::connect(&endpoint, ClientOptions::default())
+        .await
+        .expect("connect");
+    let mut through = Vec::with_capacity(iterations);
+    for i in 0..iterations {
+        let started = Instant::now();
+        let mut stream = client
+            .request(&request(i + iterations))
+            .await
+            .expect("request");
+        let mut text = String::new();
+        while let Some(event) = stream.next().await {
+            match event.expect("stream") {
+                StreamEvent::Chunk { text: piece, .. } => text.push_str(&piece),
+                StreamEvent::End(_) => break,
+            }
+        }
+        through.push(started.elapsed());
+        assert_eq!(text, "a + b");
+    }
+    drop(client);
+    tokio::task::spawn_blocking(move || server.shutdown())
+        .await
+        .expect("shutdown");
+    (percentiles(direct), percentiles(through))
+}
+
+fn set_private(path: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+}
+
+/// Idle daemon: a real `ai-engine serve` process with one client connected and nothing to do.
+fn idle_daemon() -> Option<(f64, u64, u64)> {
+    let exe = std::env::current_exe().ok()?.parent()?.join("ai-engine");
+    if !exe.is_file() {
+        return None;
+    }
+    let root = tempfile::tempdir().ok()?;
+    set_private(root.path());
+    let config = root.path().join("engine.toml");
+    std::fs::write(
+        &config,
+        "completion_profile = \"remote\"\nchat_profile = \"remote\"\n[profiles.remote]\nkind = \"openai-completions\"\nbase_url = \"http://127.0.0.1:9\"\nmodel = \"none\"\n",
+    )
+    .ok()?;
+    let endpoint = Endpoint::in_root("idle", root.path()).ok()?;
+    let mut child = std::process::Command::new(exe)
+        .args(["serve", "--endpoint", "idle", "--config"])
+        .arg(&config)
+        .env(lapce_ai_transport::endpoint::RUNTIME_DIR_ENV, root.path())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .ok()?;
+    let measured = (|| {
+        lapce_ai_transport::wait_for_engine(&endpoint, Duration::from_secs(10)).ok()?;
+        let client =
+            lapce_ai_transport::Client::connect(&endpoint, ClientOptions::default()).ok()?;
+        std::thread::sleep(Duration::from_millis(500));
+        let before = cpu_ticks(child.id())?;
+        let window = Duration::from_secs(3);
+        std::thread::sleep(window);
+        let after = cpu_ticks(child.id())?;
+        // SAFETY: sysconf has no preconditions.
+        let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        let cpu = (after - before) as f64 / ticks_per_second / window.as_secs_f64() * 100.0;
+        let (rss, anon) = rss_kib(child.id())?;
+        client.close();
+        Some((cpu, rss, anon))
+    })();
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    measured
+}
+
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
+
+fn rss_kib(pid: u32) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    Some((field("VmRSS:")?, field("RssAnon:")?))
+}
+
+/// Embedded model: TTFT and total for a cold ~600-token prompt, then for the same prompt plus one keystroke.
+#[cfg(feature = "embedded")]
+async fn embedded(
+    model: Option<PathBuf>,
+    warm_runs: usize,
+) -> Result<(Duration, Duration, Percentiles, Percentiles), String> {
+    use ai_engine::models::{catalog, resolve_model};
+    use ai_engine::provider::embedded::{EmbeddedOptions, EmbeddedProvider};
+    let path = match model {
+        Some(p) => p,
+        None => {
+            resolve_model(None, catalog::default_entry())
+                .map_err(|e| e.to_string())?
+                .path
+        }
+    };
+    let provider = EmbeddedProvider::new(path, EmbeddedOptions::default());
+    provider.wait_loaded().await.map_err(|e| e.to_string())?;
+    let provider: Arc<dyn Provider> = Arc::new(provider);
+    let factory: ProviderFactory = {
+        let provider = Arc::clone(&provider);
+        Arc::new(move |_p: &ProfileConfig| Ok(Arc::clone(&provider)))
+    };
+    let engine = Engine::new(instant_config(), factory, "bench");
+    let body: String = (0..40)
+        .map(|i| {
+            format!("def helper_{i}(values):\n    return [v * {i} for v in values if v > {i}]\n\n")
+        })
+        .collect();
+    let measure = |prefix: String| {
+        let engine = Arc::clone(&engine);
+        async move {
+            let mut sink = VecSink(String::new());
+            let request = CompletionRequest {
+                language_id: "python".into(),
+                prefix,
+                suffix: "\n".into(),
+                mode: CompletionMode::SingleLine,
+                max_tokens: 16,
+                ..CompletionRequest::default()
+            };
+            let outcome = engine
+                .complete(request, &mut sink, &CancellationToken::new())
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>((
+                outcome.time_to_first_token.unwrap_or(outcome.total),
+                outcome.total,
+            ))
+        }
+    };
+    let base = format!("{body}def total(values):\n    ");
+    let (cold_ttft, cold_total) = measure(base.clone()).await?;
+    let mut ttfts = Vec::new();
+    let mut totals = Vec::new();
+    let mut typed = base;
+    for i in 0..warm_runs {
+        typed.push(char::from(b'a' + (i % 26) as u8));
+        let (ttft, total) = measure(typed.clone()).await?;
+        ttfts.push(ttft);
+        totals.push(total);
+    }
+    Ok((
+        cold_ttft,
+        cold_total,
+        percentiles(ttfts),
+        percentiles(totals),
+    ))
+}
+
+fn micros(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+fn main() {
+    let args = Args::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let iterations = if args.quick { 300 } else { 5000 };
+    let (direct, through) = runtime.block_on(overhead(iterations));
+    #[cfg(feature = "embedded")]
+    let embedded = runtime.block_on(embedded(
+        args.model.clone(),
+        if args.quick { 3 } else { 10 },
+    ));
+    #[cfg(not(feature = "embedded"))]
+    let embedded: Result<(Duration, Duration, Percentiles, Percentiles), String> = {
+        let _ = &args.model;
+        Err("built without the `embedded` feature".into())
+    };
+    let idle = idle_daemon();
+
+    let mut json = serde_json::json!({
+        "iterations": iterations,
+        "direct_p50_us": micros(direct.p50),
+        "direct_p99_us": micros(direct.p99),
+        "overhead_p50_us": micros(through.p50),
+        "overhead_p99_us": micros(through.p99),
+        "transport_added_p50_us": micros(through.p50.saturating_sub(direct.p50)),
+    });
+    match &embedded {
+        Ok((cold_ttft, cold_total, warm_ttft, warm_total)) => {
+            json["embedded_cold_ttft_ms"] = (cold_ttft.as_secs_f64() * 1e3).into();
+            json["embedded_cold_total_ms"] = (cold_total.as_secs_f64() * 1e3).into();
+            json["embedded_warm_ttft_p50_ms"] = (warm_ttft.p50.as_secs_f64() * 1e3).into();
+            json["embedded_warm_total_p50_ms"] = (warm_total.p50.as_secs_f64() * 1e3).into();
+        }
+        Err(e) => json["embedded_skipped"] = e.clone().into(),
+    }
+    if let Some((cpu, rss, anon)) = idle {
+        json["idle_cpu_percent"] = cpu.into();
+        json["idle_rss_kib"] = rss.into();
+        json["idle_rss_anon_kib"] = anon.into();
+    }
+    if args.json {
+        println!("{json}");
+        return;
+    }
+    println!("ai-engine benchmark ({iterations} completions per row; instant provider)");
+    println!(
+        "{:<48} {:>12} {:>12} {:>14}",
+        "measurement", "p50", "p99", "target"
+    );
+    println!(
+        "{:<48} {:>10.1}us {:>10.1}us {:>14}",
+        "pipeline called directly (baseline)",
+        micros(direct.p50),
+        micros(direct.p99),
+        ""
+    );
+    println!(
+        "{:<48} {:>10.1}us {:>10.1}us {:>14}",
+        "completion through transport + daemon",
+        micros(through.p50),
+        micros(through.p99),
+        "p50 < 200us"
+    );
+    match &embedded {
+        Ok((cold_ttft, cold_total, warm_ttft, warm_total)) => {
+            println!(
+                "{:<48} {:>10.1}ms {:>12} {:>14}",
+                "embedded cold prompt: first token",
+                cold_ttft.as_secs_f64() * 1e3,
+                "",
+                ""
+            );
+            println!(
+                "{:<48} {:>10.1}ms {:>12} {:>14}",
+                "embedded cold prompt: total",
+                cold_total.as_secs_f64() * 1e3,
+                "",
+                ""
+            );
+            println!(
+                "{:<48} {:>10.1}ms {:>10.1}ms {:>14}",
+                "embedded repeated prefix: first token",
+                warm_ttft.p50.as_secs_f64() * 1e3,
+                warm_ttft.p99.as_secs_f64() * 1e3,
+                "p50 < 50ms"
+            );
+            println!(
+                "{:<48} {:>10.1}ms {:>10.1}ms {:>14}",
+                "embedded repeated prefix: total",
+                warm_total.p50.as_secs_f64() * 1e3,
+                warm_total.p99.as_secs_f64() * 1e3,
+                ""
+            );
+        }
+        Err(e) => println!("embedded model: skipped ({e})"),
+    }
+    match idle {
+        Some((cpu, rss, anon)) => {
+            println!(
+                "{:<48} {:>11.2}% {:>12} {:>14}",
+                "idle daemon CPU (3 s, 1 client)", cpu, "", "0%"
+            );
+            println!(
+                "{:<48} {:>9} KiB {:>12} {:>14}",
+                "idle daemon RSS (no model loaded)", rss, "", "< 10 MB"
+            );
+            println!(
+                "{:<48} {:>9} KiB {:>12} {:>14}",
+                "idle daemon RssAnon", anon, "", ""
+            );
+        }
+        None => println!("idle daemon: skipped (build the ai-engine binary next to engine-bench)"),
+    }
+}
