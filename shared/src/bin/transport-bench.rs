@@ -208,13 +208,19 @@ fn parent_main(args: &[String]) -> Res<()> {
     let mut json = false;
     let mut quick = false;
     let mut skip_node = false;
-    for arg in args {
+    let mut only: Option<String> = None;
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
         match arg.as_str() {
+            "--only" => only = Some(args.next().ok_or("--only needs a phase name")?.clone()),
             "--json" => json = true,
             "--quick" => quick = true,
             "--skip-node" => skip_node = true,
             "-h" | "--help" => {
-                println!("usage: transport-bench [--json] [--quick] [--skip-node]");
+                println!(
+                    "usage: transport-bench [--json] [--quick] [--skip-node] \
+                     [--only transport|throughput|floor|uds|node]"
+                );
                 return Ok(());
             }
             other => return Err(format!("unknown argument {other:?} (see --help)").into()),
@@ -228,11 +234,27 @@ fn parent_main(args: &[String]) -> Res<()> {
     report.num("nproc", available_cpus() as f64);
     report.str("load_avg_start", load_average());
 
-    bench_transport(&workspace, sizes, &mut report)?;
-    bench_throughput(&workspace, sizes, &mut report)?;
-    bench_floor(sizes, &mut report)?;
-    bench_uds(&workspace, sizes, &mut report)?;
-    if skip_node {
+    let run = |phase: &str| only.as_deref().is_none_or(|o| o == phase);
+    if let Some(phase) = &only {
+        if !["transport", "throughput", "floor", "uds", "node"].contains(&phase.as_str()) {
+            return Err(format!("unknown phase {phase:?} for --only").into());
+        }
+        report.str("only", phase.clone());
+    }
+    if run("transport") {
+        bench_transport(&workspace, sizes, &mut report)?;
+    }
+    if run("throughput") {
+        bench_throughput(&workspace, sizes, &mut report)?;
+    }
+    if run("floor") {
+        bench_floor(sizes, &mut report)?;
+    }
+    if run("uds") {
+        bench_uds(&workspace, sizes, &mut report)?;
+    }
+    if !run("node") {
+    } else if skip_node {
         report.str("node_note", "skipped (--skip-node)");
         null_node(&mut report);
     } else {
@@ -760,7 +782,7 @@ fn spin_until(limit: Duration, mut ready: impl FnMut() -> bool) -> Res<()> {
     while !ready() {
         std::hint::spin_loop();
         spins = spins.wrapping_add(1);
-        if spins % 4096 == 0 {
+        if spins.is_multiple_of(4096) {
             let s = *started.get_or_insert_with(Instant::now);
             if s.elapsed() > limit {
                 return Err("peer stopped answering".into());
