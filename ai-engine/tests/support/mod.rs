@@ -5,133 +5,10 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
+pub use ai_engine::testing::{fake_config, FakeOpenAi, Script};
 use lapce_ai_transport::Endpoint;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
-
-/// What the fake server streams back for every request.
-#[derive(Clone)]
-pub struct Script {
-    pub pieces: Vec<String>,
-    pub delay: Duration,
-}
-
-/// A tiny OpenAI-compatible server: `/v1/completions` and `/v1/chat/completions` stream `Script` as SSE.
-pub struct FakeOpenAi {
-    pub port: u16,
-    pub requests: Arc<AtomicUsize>,
-    /// Streams whose client hung up before the script ended (a cancel reached the upstream connection).
-    pub aborted: Arc<AtomicUsize>,
-    pub completed: Arc<AtomicUsize>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl FakeOpenAi {
-    pub async fn start(script: Script) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let requests = Arc::new(AtomicUsize::new(0));
-        let aborted = Arc::new(AtomicUsize::new(0));
-        let completed = Arc::new(AtomicUsize::new(0));
-        let (r, a, c) = (
-            Arc::clone(&requests),
-            Arc::clone(&aborted),
-            Arc::clone(&completed),
-        );
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((mut socket, _)) = listener.accept().await else {
-                    return;
-                };
-                let script = script.clone();
-                let (r, a, c) = (Arc::clone(&r), Arc::clone(&a), Arc::clone(&c));
-                tokio::spawn(async move {
-                    let Some(path) = read_request(&mut socket).await else {
-                        return;
-                    };
-                    r.fetch_add(1, Ordering::SeqCst);
-                    let chat = path.contains("chat");
-                    let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n";
-                    if socket.write_all(head.as_bytes()).await.is_err() {
-                        a.fetch_add(1, Ordering::SeqCst);
-                        return;
-                    }
-                    for piece in &script.pieces {
-                        tokio::time::sleep(script.delay).await;
-                        let text = serde_json::to_string(piece).unwrap();
-                        let event = if chat {
-                            format!("data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":{text}}}}}]}}\n\n")
-                        } else {
-                            format!("data: {{\"choices\":[{{\"index\":0,\"text\":{text}}}]}}\n\n")
-                        };
-                        if socket.write_all(event.as_bytes()).await.is_err()
-                            || socket.flush().await.is_err()
-                        {
-                            a.fetch_add(1, Ordering::SeqCst);
-                            return;
-                        }
-                    }
-                    let end = "data: {\"choices\":[{\"index\":0,\"text\":\"\",\"delta\":{},\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]\n\n";
-                    let _ = socket.write_all(end.as_bytes()).await;
-                    c.fetch_add(1, Ordering::SeqCst);
-                });
-            }
-        });
-        Self {
-            port,
-            requests,
-            aborted,
-            completed,
-            task,
-        }
-    }
-
-    pub fn base_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for FakeOpenAi {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// Reads one HTTP request (headers + content-length body); returns its path.
-async fn read_request(socket: &mut tokio::net::TcpStream) -> Option<String> {
-    let mut buffer = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        let n = socket.read(&mut chunk).await.ok()?;
-        if n == 0 {
-            return None;
-        }
-        buffer.extend_from_slice(&chunk[..n]);
-        if let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buffer[..end]).to_string();
-            let length = head
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length:")
-                        .map(|v| v.trim().parse::<usize>().unwrap_or(0))
-                })
-                .unwrap_or(0);
-            while buffer.len() < end + 4 + length {
-                let n = socket.read(&mut chunk).await.ok()?;
-                if n == 0 {
-                    return None;
-                }
-                buffer.extend_from_slice(&chunk[..n]);
-            }
-            return head.split_whitespace().nth(1).map(str::to_owned);
-        }
-    }
-}
 
 /// A private rendezvous root + endpoint + config directory for one test.
 pub struct Sandbox {
@@ -166,6 +43,7 @@ impl Sandbox {
         let mut command = Command::new(env!("CARGO_BIN_EXE_ai-engine"));
         command
             .env("LAPCE_AI_RUNTIME_DIR", self.endpoint.root())
+            .env("LAPCE_AI_LOG", "warn")
             .env("LAPCE_AI_ENDPOINT", self.endpoint.name())
             .env("XDG_STATE_HOME", self.dir.path().join("state"))
             .env("XDG_CONFIG_HOME", self.dir.path().join("config"))
@@ -247,28 +125,4 @@ impl Drop for Engine {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// A config whose completion and chat profiles use the fake server.
-pub fn fake_config(base_url: &str) -> String {
-    format!(
-        r#"completion_profile = "fake"
-chat_profile = "fakechat"
-
-[profiles.fake]
-kind = "openai-completions"
-base_url = "{base_url}"
-model = "fake-coder"
-
-[profiles.fakechat]
-kind = "openai-chat"
-base_url = "{base_url}"
-model = "fake-chat"
-
-[profiles.down]
-kind = "openai-completions"
-base_url = "http://127.0.0.1:9"
-model = "nobody-home"
-"#
-    )
 }
