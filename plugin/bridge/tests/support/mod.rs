@@ -43,9 +43,20 @@ impl Client {
     /// Starts the bridge with the fake engine in `mode`; the fake's counters go to `stats.json`.
     pub fn spawn(mode: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
+        let stats = dir.path().join("stats.json");
+        Self::spawn_in(
+            dir,
+            &[
+                ("LAPCE_AI_FAKE_ENGINE", mode.into()),
+                ("LAPCE_AI_FAKE_STATS", stats.into_os_string()),
+            ],
+        )
+    }
+
+    /// Starts the bridge in `dir` with extra environment (e.g. a real engine's endpoint settings).
+    pub fn spawn_in(dir: tempfile::TempDir, envs: &[(&str, std::ffi::OsString)]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_lapce-ai-lsp"))
-            .env("LAPCE_AI_FAKE_ENGINE", mode)
-            .env("LAPCE_AI_FAKE_STATS", dir.path().join("stats.json"))
+            .envs(envs.iter().map(|(k, v)| (*k, v)))
             .env("LAPCE_AI_LOG", "debug")
             .env("LAPCE_AI_LOG_FILE", dir.path().join("bridge.log"))
             .current_dir(dir.path())

@@ -1,0 +1,249 @@
+//! The bridge against a real `ai-engine` on a private endpoint: auto-start, keystroke bursts, the engine
+//! killed with SIGKILL (the next request auto-restarts it), and the bridge killed (the engine keeps running).
+
+mod support;
+
+use std::ffi::OsString;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use ai_engine::testing::{fake_config, FakeOpenAi, Script};
+use serde_json::json;
+use support::{is_error, items, Client};
+
+const T: Duration = Duration::from_secs(20);
+
+/// The `ai-engine` binary of this build (built on demand when only this crate's tests were built).
+fn engine_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test exe");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let engine = profile_dir.join("ai-engine");
+    if !engine.is_file() {
+        let profile = profile_dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("debug");
+        let mut build = Command::new(env!("CARGO"));
+        build.args(["build", "-p", "ai-engine", "--bin", "ai-engine"]);
+        if profile != "debug" {
+            build.args(["--profile", profile]);
+        }
+        assert!(build.status().expect("cargo build").success());
+    }
+    engine
+}
+
+/// Private runtime root, config and state dirs for one engine + bridge pair.
+struct Sandbox {
+    dir: tempfile::TempDir,
+    endpoint: String,
+}
+
+impl Sandbox {
+    fn new(name: &str, base_url: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let private = |p: &Path| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o700)).expect("chmod")
+        };
+        private(dir.path());
+        std::fs::create_dir(dir.path().join("run")).expect("mkdir");
+        private(&dir.path().join("run"));
+        let config_dir = dir.path().join("config/lapce-ai");
+        std::fs::create_dir_all(&config_dir).expect("mkdir");
+        let config = config_dir.join("engine.toml");
+        std::fs::write(&config, fake_config(base_url)).expect("config");
+        std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        Self {
+            dir,
+            endpoint: format!("{name}-{}", std::process::id()),
+        }
+    }
+
+    fn envs(&self) -> Vec<(&'static str, OsString)> {
+        let p = |s: &str| self.dir.path().join(s).into_os_string();
+        vec![
+            ("LAPCE_AI_RUNTIME_DIR", p("run")),
+            ("XDG_CONFIG_HOME", p("config")),
+            ("XDG_STATE_HOME", p("state")),
+            ("XDG_CACHE_HOME", p("cache")),
+        ]
+    }
+
+    fn engine_lock(&self) -> PathBuf {
+        self.dir
+            .path()
+            .join("run")
+            .join(&self.endpoint)
+            .join("engine.lock")
+    }
+
+    /// The running engine's pid, from engine.lock (None when no engine holds it).
+    fn engine_pid(&self) -> Option<i32> {
+        if !lapce_ai_transport::lockfile::path_is_locked(&self.engine_lock()).ok()? {
+            return None;
+        }
+        std::fs::read_to_string(self.engine_lock())
+            .ok()?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    }
+
+    fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(engine_binary())
+            .args(["--endpoint", &self.endpoint])
+            .args(args)
+            .envs(self.envs())
+            .output()
+            .expect("ai-engine cli")
+    }
+
+    fn assert_clean(&self) {
+        let dir = self.dir.path().join("run").join(&self.endpoint);
+        let leftovers: Vec<_> = walk(&dir);
+        assert!(
+            leftovers.is_empty(),
+            "left in the rendezvous dir: {leftovers:?}"
+        );
+        let uid = unsafe { libc::getuid() };
+        let prefix = format!("lapce-ai-{uid}-{}-", self.endpoint);
+        let shm: Vec<String> = std::fs::read_dir("/dev/shm")
+            .expect("/dev/shm")
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+            .filter(|n| n.starts_with(&prefix))
+            .collect();
+        assert!(shm.is_empty(), "left in /dev/shm: {shm:?}");
+    }
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry.path().is_dir() {
+            out.extend(walk(&entry.path()));
+        } else {
+            out.push(entry.path());
+        }
+    }
+    out
+}
+
+fn wait_until(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if condition() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
+
+#[test]
+fn real_engine_burst_engine_kill_and_bridge_kill() {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let fake = runtime.block_on(FakeOpenAi::start(Script {
+        pieces: vec![
+            "total".into(),
+            " * 2;".into(),
+            "\n".into(),
+            "    println!(\"{doubled}\");\n".into(),
+        ],
+        delay: Duration::from_millis(1),
+    }));
+    let sandbox = Sandbox::new("bridge", &format!("http://127.0.0.1:{}", fake.port));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut bridge = Client::spawn_in(dir, &sandbox.envs());
+    let engine = engine_binary();
+    bridge.initialize(Some(json!({
+        "endpoint": sandbox.endpoint,
+        "engine-path": engine.display().to_string(),
+        "debounce-ms": 60,
+    })));
+    let uri = bridge.uri("main.rs");
+    bridge.open(&uri, "rust", "fn main() {\n    let total = 21;\n    \n}\n");
+
+    // Type `let doubled = ` with an inline request per keystroke and no cancels, as Lapce does.
+    let typed = "let doubled = ";
+    let mut ids = Vec::new();
+    for (i, ch) in typed.chars().enumerate() {
+        let col = 4 + i as u32;
+        bridge.change(&uri, i as i32 + 1, (2, col), (2, col), &ch.to_string());
+        ids.push(bridge.inline(&uri, (2, col + 1), 2));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (last, earlier) = ids.split_last().expect("ids");
+    for id in earlier {
+        let response = bridge.response(*id, T);
+        assert!(
+            is_error(&response),
+            "superseded request {id} must get an error: {response}"
+        );
+    }
+    let response = bridge.response(*last, T);
+    assert_eq!(
+        items(&response),
+        vec!["total * 2;".to_owned()],
+        "{response}\n{}",
+        bridge.log()
+    );
+    let provider_calls = fake.requests.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        (1..=2).contains(&provider_calls),
+        "{} keystrokes made {provider_calls} provider calls",
+        typed.len()
+    );
+
+    // The bridge started the engine detached: kill it with SIGKILL.
+    let first_engine = sandbox.engine_pid().expect("an engine was auto-started");
+    // SAFETY: kill(2) on the engine we started.
+    unsafe { libc::kill(first_engine, libc::SIGKILL) };
+    assert!(
+        wait_until(T, || sandbox.engine_pid().is_none()),
+        "engine lock not released"
+    );
+
+    // The next request restarts the engine and answers.
+    let id = bridge.inline(&uri, (2, 4 + typed.len() as u32), 1);
+    let response = bridge.response(id, T);
+    assert_eq!(
+        items(&response),
+        vec!["total * 2;".to_owned()],
+        "{response}\n{}",
+        bridge.log()
+    );
+    let second_engine = sandbox.engine_pid().expect("engine restarted");
+    assert_ne!(first_engine, second_engine);
+
+    // Lapce stops the bridge with SIGKILL: the engine keeps serving.
+    bridge.child.kill().expect("kill bridge");
+    bridge.child.wait().expect("reap bridge");
+    let status = sandbox.cli(&["--no-start", "status", "--json"]);
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).expect("json");
+    assert_eq!(status["pid"], json!(second_engine));
+    assert!(
+        wait_until(T, || {
+            let out = sandbox.cli(&["--no-start", "status", "--json"]);
+            serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                .is_ok_and(|s| s["connections"] == json!(1))
+        }),
+        "the killed bridge's connection was not released"
+    );
+
+    let stop = sandbox.cli(&["stop"]);
+    assert!(
+        stop.status.success(),
+        "{}",
+        String::from_utf8_lossy(&stop.stderr)
+    );
+    sandbox.assert_clean();
+}
