@@ -22,9 +22,16 @@ pub fn locate_engine(explicit: Option<&Path>) -> Option<PathBuf> {
     }
     let names = [
         "ai-engine".to_owned(),
-        format!("ai-engine-{}-{}", std::env::consts::OS, std::env::consts::ARCH),
+        format!(
+            "ai-engine-{}-{}",
+            std::env::consts::OS,
+            std::env::consts::ARCH
+        ),
     ];
-    if let Some(dir) = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_owned)) {
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_owned))
+    {
         for name in &names {
             let candidate = dir.join(name);
             if candidate.is_file() {
@@ -41,7 +48,11 @@ pub fn locate_engine(explicit: Option<&Path>) -> Option<PathBuf> {
 
 /// Runs `<engine> [extra args] serve --detach --endpoint <name>` (same rendezvous root) and waits for it to
 /// daemonize. `extra_args` are global engine options such as `--config FILE`.
-pub fn start_engine_detached(engine: &Path, extra_args: &[OsString], endpoint: &Endpoint) -> std::io::Result<()> {
+pub fn start_engine_detached(
+    engine: &Path,
+    extra_args: &[OsString],
+    endpoint: &Endpoint,
+) -> std::io::Result<()> {
     tracing::info!(engine = %engine.display(), endpoint = endpoint.name(), "starting the engine");
     let status = Command::new(engine)
         .args(extra_args)

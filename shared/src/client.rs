@@ -298,6 +298,11 @@ impl ClientParts {
 fn claim_slot(endpoint: &Endpoint) -> Result<(u32, HeldLock), TransportError> {
     for slot in 0..MAX_SLOTS {
         let path = endpoint.slot_lock_path(slot);
+        // Probe busy slots read-only first: closing a read-write probe would look like a client death to the
+        // engine's inotify watch and make it re-check every slot we pass.
+        if let Ok(Some(TryLock::Busy)) = HeldLock::try_acquire_existing(&path) {
+            continue;
+        }
         match HeldLock::try_acquire(&path)
             .map_err(|e| TransportError::io(format!("locking {}", path.display()), e))?
         {

@@ -1,7 +1,8 @@
 //! Wake-ups between processes: a futex doorbell in shared memory plus a bounded, adaptive spin before sleeping.
 //!
-//! The sleeper announces itself (`sleepers`), re-checks its condition, then futex-waits on `sequence`; a
-//! notifier only bumps the sequence and makes a syscall when someone sleeps, so a busy stream costs no syscalls.
+//! The sleeper arms the bell (`armed`), re-checks its condition, then futex-waits on `sequence`; a notifier
+//! only makes a syscall when it disarms an armed bell, so a busy stream costs no syscalls and a sleeping peer
+//! costs one wake-up per sleep, not one per message.
 
 use std::sync::atomic::{fence, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -13,7 +14,8 @@ use crate::sys;
 #[repr(C)]
 pub struct Doorbell {
     pub sequence: CacheLine<AtomicU32>,
-    pub sleepers: CacheLine<AtomicU32>,
+    /// 1 while the owner is (about to be) asleep and nobody has woken it yet.
+    pub armed: CacheLine<AtomicU32>,
 }
 
 impl Doorbell {
@@ -21,10 +23,19 @@ impl Doorbell {
     #[inline]
     pub fn ring(&self) {
         fence(Ordering::SeqCst);
-        if self.sleepers.0.load(Ordering::Relaxed) != 0 {
+        if self.armed.0.load(Ordering::Relaxed) != 0 && self.armed.0.swap(0, Ordering::AcqRel) != 0
+        {
             self.sequence.0.fetch_add(1, Ordering::Release);
             sys::futex_wake_all(&self.sequence.0);
         }
+    }
+
+    /// Arms the bell before a final re-check and sleep.
+    fn arm(&self) -> u32 {
+        let seen = self.sequence.0.load(Ordering::Acquire);
+        self.armed.0.store(1, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        seen
     }
 
     /// Rings unconditionally (used for out-of-band events such as shutdown).
@@ -108,15 +119,11 @@ pub fn wait_on(
     if spin.spin(&mut ready) {
         return WaitOutcome::Ready;
     }
-    let seen = bell.sequence.0.load(Ordering::Acquire);
-    bell.sleepers.0.fetch_add(1, Ordering::SeqCst);
-    fence(Ordering::SeqCst);
+    let seen = bell.arm();
     if ready() {
-        bell.sleepers.0.fetch_sub(1, Ordering::SeqCst);
         return WaitOutcome::Ready;
     }
     sys::futex_wait(&bell.sequence.0, seen, Some(timeout));
-    bell.sleepers.0.fetch_sub(1, Ordering::SeqCst);
     if ready() {
         WaitOutcome::Ready
     } else {
@@ -130,15 +137,11 @@ pub fn wait_forever(bell: &Doorbell, spin: &mut SpinPolicy, mut ready: impl FnMu
         return;
     }
     loop {
-        let seen = bell.sequence.0.load(Ordering::Acquire);
-        bell.sleepers.0.fetch_add(1, Ordering::SeqCst);
-        fence(Ordering::SeqCst);
+        let seen = bell.arm();
         if ready() {
-            bell.sleepers.0.fetch_sub(1, Ordering::SeqCst);
             return;
         }
         sys::futex_wait(&bell.sequence.0, seen, None);
-        bell.sleepers.0.fetch_sub(1, Ordering::SeqCst);
         if ready() {
             return;
         }

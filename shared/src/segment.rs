@@ -142,13 +142,15 @@ impl SlotSegment {
                 "slot segment {name} has an invalid header: {identity:?} (size {size})"
             )));
         }
-        Ok(Self {
+        let segment = Self {
             mapping,
             c2s_bytes: c2s,
             s2c_bytes: s2c,
             generation: identity.generation,
             client_pid: identity.client_pid,
-        })
+        };
+        segment.validate_fresh_indices()?;
+        Ok(segment)
     }
 
     pub fn generation(&self) -> u64 {
@@ -206,8 +208,27 @@ impl SlotSegment {
         }
     }
 
+    /// Checks the ring indices the client left in a fresh segment: nothing consumed, nothing sent by the
+    /// server, and the client's tail aligned and within its ring (only its hello can be there).
+    pub fn validate_fresh_indices(&self) -> Result<(), TransportError> {
+        let control = self.control();
+        let c2s_tail = control.client_to_server.tail.0.load(Ordering::Acquire);
+        let fresh = control.client_to_server.head.0.load(Ordering::Acquire) == 0
+            && control.server_to_client.head.0.load(Ordering::Acquire) == 0
+            && control.server_to_client.tail.0.load(Ordering::Acquire) == 0
+            && c2s_tail % 8 == 0
+            && c2s_tail <= self.c2s_bytes as u64;
+        if fresh {
+            Ok(())
+        } else {
+            Err(TransportError::Protocol(
+                "slot segment has impossible initial ring indices".into(),
+            ))
+        }
+    }
+
     /// # Safety
-    /// As [`SlotSegment::client_ends`], for the server side.
+    /// As [`SlotSegment::client_ends`], for the server side. Call [`SlotSegment::validate_fresh_indices`] first.
     pub unsafe fn server_ends(&self) -> (RingProducer, RingConsumer) {
         let control = self.control();
         // SAFETY: as above.
@@ -248,7 +269,7 @@ impl EnginePage {
         }
         let mapping = Mapping::map_shared(file, PAGE)?;
         let page = Self { mapping };
-        page.bell().sleepers.0.store(0, Ordering::SeqCst);
+        page.bell().armed.0.store(0, Ordering::SeqCst);
         Ok(page)
     }
 
@@ -295,5 +316,45 @@ pub fn read_engine_pid(file: &File) -> String {
             .unwrap_or("unknown")
             .to_owned(),
         Err(_) => "unknown".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Unlink(String);
+    impl Drop for Unlink {
+        fn drop(&mut self) {
+            let _ = sys::shm_unlink(&self.0);
+        }
+    }
+
+    #[test]
+    fn open_refuses_impossible_initial_ring_indices() {
+        let name = format!("lapce-ai-unit-segment-{}", std::process::id());
+        let _cleanup = Unlink(name.clone());
+        let segment = SlotSegment::create(&name, 4096, 4096, 7).unwrap();
+        let control = segment.control();
+        assert!(SlotSegment::open(&name, 7).is_ok());
+        assert!(SlotSegment::open(&name, 8).is_err(), "wrong generation");
+        // An unaligned engine-side tail would make the engine write past the mapping.
+        control.server_to_client.tail.0.store(3, Ordering::Release);
+        assert!(SlotSegment::open(&name, 7).is_err());
+        control.server_to_client.tail.0.store(0, Ordering::Release);
+        control
+            .client_to_server
+            .tail
+            .0
+            .store(4096 + 8, Ordering::Release);
+        assert!(SlotSegment::open(&name, 7).is_err());
+        control
+            .client_to_server
+            .tail
+            .0
+            .store(u64::MAX - 7, Ordering::Release);
+        assert!(SlotSegment::open(&name, 7).is_err());
+        control.client_to_server.tail.0.store(64, Ordering::Release);
+        assert!(SlotSegment::open(&name, 7).is_ok());
     }
 }
