@@ -282,3 +282,41 @@ fn write_tar_gz(dir: &Path, out: &Path) -> Result<()> {
     tar.into_inner()?.finish()?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn archive_has_the_volt_files_at_its_root() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let volt = dir.path().join("volt");
+        fs::create_dir_all(volt.join("bin")).expect("mkdir");
+        fs::write(volt.join("volt.toml"), "name = \"lapce-ai\"\n").expect("write");
+        fs::write(volt.join("bin").join(platform_name(BRIDGE)), b"x").expect("write");
+        let out = dir.path().join("out.tar.gz");
+        write_tar_gz(&volt, &out).expect("archive");
+        let file = fs::File::open(&out).expect("open");
+        let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(file));
+        let names: Vec<String> = archive
+            .entries()
+            .expect("entries")
+            .filter_map(|e| Some(e.ok()?.path().ok()?.to_string_lossy().into_owned()))
+            .collect();
+        let clean: Vec<String> = names
+            .iter()
+            .map(|n| n.trim_start_matches("./").to_owned())
+            .collect();
+        assert!(clean.contains(&"volt.toml".to_owned()), "{names:?}");
+        assert!(
+            clean.contains(&format!("bin/{}", platform_name(BRIDGE))),
+            "{names:?}"
+        );
+        let unpacked = dir.path().join("unpacked");
+        let file = fs::File::open(&out).expect("open");
+        tar::Archive::new(flate2::read::GzDecoder::new(file))
+            .unpack(&unpacked)
+            .expect("unpack");
+        assert!(unpacked.join("volt.toml").is_file());
+    }
+}

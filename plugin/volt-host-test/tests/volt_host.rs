@@ -48,7 +48,10 @@ fn built_wasm() -> PathBuf {
         ])
         .status()
         .expect("run cargo");
-    assert!(status.success(), "building the volt failed");
+    assert!(
+        status.success(),
+        "building the volt failed (needs `rustup target add wasm32-wasip1`)"
+    );
     target_dir().join("wasm32-wasip1/release/lapce_ai_volt.wasm")
 }
 
