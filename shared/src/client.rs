@@ -401,7 +401,8 @@ impl Client {
 
     /// Waits up to `timeout` for the next complete message.
     pub fn recv(&mut self, timeout: Duration) -> Result<ReceivedMessage<'_>, TransportError> {
-        let deadline = Instant::now() + timeout;
+        // The clock is read only when we have to wait (the fast path makes no syscall).
+        let mut deadline = None;
         let parts = &mut self.parts;
         loop {
             match parts.receiver.poll()? {
@@ -420,6 +421,7 @@ impl Client {
             if parts.receiver.take_peer_waiting_for_space() {
                 parts.engine.ring();
             }
+            let deadline = *deadline.get_or_insert_with(|| Instant::now() + timeout);
             wait_step(
                 parts,
                 &mut self.spin,
@@ -510,7 +512,7 @@ fn send_blocking(
             max,
         });
     }
-    let deadline = Instant::now() + timeout;
+    let mut deadline = None;
     let mut progress = 0;
     loop {
         let before = progress;
@@ -524,6 +526,7 @@ fn send_blocking(
             return Ok(());
         }
         // Full: announce we wait for space, re-check, then wait.
+        let deadline = *deadline.get_or_insert_with(|| Instant::now() + timeout);
         parts.sender.set_waiting_for_space(true);
         let remaining = payload.len() - progress;
         let result = loop {
