@@ -1,4 +1,4 @@
-//! Test doubles for engine users: a scripted OpenAI-compatible SSE server on 127.0.0.1.
+//! Test doubles for engine users: a scripted OpenAI-compatible SSE server on 127.0.0.1, an instant provider.
 //!
 //! Enabled by the `testing` feature; used by the engine's and the bridge's integration tests.
 
@@ -152,4 +152,54 @@ base_url = "http://127.0.0.1:9"
 model = "nobody-home"
 "#
     )
+}
+
+/// A provider that answers `text` instantly: measures engine, transport and bridge overhead alone.
+pub struct InstantProvider {
+    pub text: String,
+}
+
+impl crate::provider::Provider for InstantProvider {
+    fn kind(&self) -> &str {
+        "instant"
+    }
+    fn model(&self) -> &str {
+        "instant"
+    }
+    fn supports_native_fim(&self) -> bool {
+        true
+    }
+    fn generate(
+        &self,
+        _request: crate::provider::GenerationRequest,
+    ) -> futures::stream::BoxStream<
+        'static,
+        Result<crate::provider::GenerationEvent, crate::provider::ProviderError>,
+    > {
+        use crate::provider::{GenerationEvent, StopReason, TokenUsage};
+        Box::pin(futures::stream::iter([
+            Ok(GenerationEvent::Text(self.text.clone())),
+            Ok(GenerationEvent::Finished {
+                reason: StopReason::Stop,
+                usage: TokenUsage::default(),
+            }),
+        ]))
+    }
+}
+
+/// A config and factory serving every request from an [`InstantProvider`] answering `text`.
+pub fn instant_engine_parts(
+    text: &str,
+) -> (crate::config::EngineConfig, crate::engine::ProviderFactory) {
+    use crate::config::{EngineConfig, ProfileConfig, ProviderKind};
+    let mut config = EngineConfig::default();
+    let profile = ProfileConfig::new("instant", ProviderKind::OpenAiCompletions, "instant");
+    config.profiles.insert("instant".into(), profile);
+    config.completion_profile = "instant".into();
+    config.chat_profile = "instant".into();
+    let text = text.to_owned();
+    let factory: crate::engine::ProviderFactory = Arc::new(move |_profile: &ProfileConfig| {
+        Ok(Arc::new(InstantProvider { text: text.clone() }) as Arc<dyn crate::provider::Provider>)
+    });
+    (config, factory)
 }

@@ -8,14 +8,15 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ai_engine::config::{EngineConfig, ProfileConfig, ProviderKind};
+use ai_engine::config::EngineConfig;
+#[cfg(feature = "embedded")]
+use ai_engine::config::ProfileConfig;
 use ai_engine::daemon::{DaemonHandler, Handler};
 use ai_engine::engine::{Engine, ProviderFactory, TextSink};
-use ai_engine::provider::{
-    GenerationEvent, GenerationRequest, Provider, ProviderError, StopReason, TokenUsage,
-};
+#[cfg(feature = "embedded")]
+use ai_engine::provider::Provider;
+use ai_engine::testing::instant_engine_parts;
 use clap::Parser;
-use futures::stream::BoxStream;
 use lapce_ai_transport::protocol::{CompletionMode, CompletionRequest};
 use lapce_ai_transport::{
     AsyncClient, ClientOptions, Endpoint, Server, ServerOptions, StreamEvent,
@@ -36,44 +37,12 @@ struct Args {
     model: Option<PathBuf>,
 }
 
-/// A provider that answers instantly, so only engine + transport overhead is measured.
-struct InstantProvider;
-
-impl Provider for InstantProvider {
-    fn kind(&self) -> &str {
-        "instant"
-    }
-    fn model(&self) -> &str {
-        "instant"
-    }
-    fn supports_native_fim(&self) -> bool {
-        true
-    }
-    fn generate(
-        &self,
-        _request: GenerationRequest,
-    ) -> BoxStream<'static, Result<GenerationEvent, ProviderError>> {
-        Box::pin(futures::stream::iter([
-            Ok(GenerationEvent::Text("a + b".into())),
-            Ok(GenerationEvent::Finished {
-                reason: StopReason::Stop,
-                usage: TokenUsage::default(),
-            }),
-        ]))
-    }
-}
-
 fn instant_config() -> EngineConfig {
-    let mut config = EngineConfig::default();
-    let profile = ProfileConfig::new("instant", ProviderKind::OpenAiCompletions, "instant");
-    config.profiles.insert("instant".into(), profile);
-    config.completion_profile = "instant".into();
-    config.chat_profile = "instant".into();
-    config
+    instant_engine_parts("a + b").0
 }
 
 fn instant_factory() -> ProviderFactory {
-    Arc::new(|_profile: &ProfileConfig| Ok(Arc::new(InstantProvider) as Arc<dyn Provider>))
+    instant_engine_parts("a + b").1
 }
 
 fn request(i: usize) -> CompletionRequest {

@@ -372,7 +372,10 @@ impl Server {
         let id = req.id.clone();
         let max_lines = self.settings.max_lines;
         let task = tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
+            // tokio's timer has millisecond ticks: even a zero sleep would wait for the next tick.
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
             let outcome = complete(backend.as_ref(), request, max_lines).await;
             let _ = events.send(Event::Done { id, outcome });
         });
