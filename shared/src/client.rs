@@ -174,7 +174,7 @@ impl ClientParts {
         shm_name: &str,
     ) -> Result<Self, TransportError> {
         // SAFETY: called once; the ends live inside ClientParts next to the segment that backs them.
-        let (producer, consumer) = unsafe { segment.client_ends() };
+        let (producer, consumer) = unsafe { segment.client_ends()? };
         let mut sender = FrameSender::new(producer);
         let mut receiver = FrameReceiver::new(consumer, options.max_message_bytes);
         let hello = Hello {

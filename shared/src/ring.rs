@@ -64,6 +64,39 @@ pub fn valid_capacity(capacity: usize) -> bool {
     capacity.is_power_of_two() && (MIN_RING_BYTES..=MAX_RING_BYTES).contains(&capacity)
 }
 
+/// Reads and checks the indices a ring starts from: 8-aligned, head <= tail <= head + capacity, and far from
+/// overflow. Anything else would make the first write or read land outside the ring.
+///
+/// # Safety
+/// `indices` must be valid.
+unsafe fn starting_indices(
+    indices: *const RingIndices,
+    capacity: usize,
+) -> Result<(u64, u64), RingError> {
+    // SAFETY: caller guarantees validity.
+    let (head, tail) = unsafe {
+        (
+            (*indices).head.0.load(Ordering::Acquire),
+            (*indices).tail.0.load(Ordering::Acquire),
+        )
+    };
+    let sane = head % 8 == 0
+        && tail % 8 == 0
+        && head <= tail
+        && tail - head <= capacity as u64
+        && tail < u64::MAX / 2;
+    if sane {
+        Ok((head, tail))
+    } else {
+        Err(RingError::BadIndex {
+            which: "starting",
+            value: tail,
+            ours: head,
+            capacity: capacity as u64,
+        })
+    }
+}
+
 /// The writing end. Owns the authoritative tail.
 pub struct RingProducer {
     indices: *const RingIndices,
@@ -81,16 +114,21 @@ impl RingProducer {
     /// # Safety
     /// `indices` and `data[..capacity]` must stay mapped for the producer's life, `capacity` must be a power of
     /// two >= MIN_RING_BYTES, and only one producer may exist per ring.
-    pub unsafe fn new(indices: *const RingIndices, data: *mut u8, capacity: usize) -> Self {
-        // SAFETY: caller guarantees `indices` is valid. Start from whatever was published (0 on a new ring).
-        let tail = unsafe { (*indices).tail.0.load(Ordering::Relaxed) };
-        Self {
+    pub unsafe fn new(
+        indices: *const RingIndices,
+        data: *mut u8,
+        capacity: usize,
+    ) -> Result<Self, RingError> {
+        // SAFETY: caller guarantees `indices` is valid. Start from what was published (0 on a new ring), but
+        // only if it is a position this ring could really be at: a peer may have written anything there.
+        let (head, tail) = unsafe { starting_indices(indices, capacity)? };
+        Ok(Self {
             indices,
             data,
             capacity: capacity as u64,
             tail,
-            cached_head: tail,
-        }
+            cached_head: head,
+        })
     }
 
     fn indices(&self) -> &RingIndices {
@@ -214,16 +252,20 @@ unsafe impl Send for RingConsumer {}
 impl RingConsumer {
     /// # Safety
     /// Same contract as [`RingProducer::new`], for the single consumer.
-    pub unsafe fn new(indices: *const RingIndices, data: *const u8, capacity: usize) -> Self {
-        // SAFETY: caller guarantees validity.
-        let head = unsafe { (*indices).head.0.load(Ordering::Relaxed) };
-        Self {
+    pub unsafe fn new(
+        indices: *const RingIndices,
+        data: *const u8,
+        capacity: usize,
+    ) -> Result<Self, RingError> {
+        // SAFETY: caller guarantees validity; see RingProducer::new.
+        let (head, _) = unsafe { starting_indices(indices, capacity)? };
+        Ok(Self {
             indices,
             data,
             capacity: capacity as u64,
             head,
             cached_tail: head,
-        }
+        })
     }
 
     fn indices(&self) -> &RingIndices {
@@ -364,8 +406,8 @@ mod tests {
             // SAFETY: the test ring outlives both ends.
             unsafe {
                 (
-                    RingProducer::new(indices, data, cap),
-                    RingConsumer::new(indices, data, cap),
+                    RingProducer::new(indices, data, cap).unwrap(),
+                    RingConsumer::new(indices, data, cap).unwrap(),
                 )
             }
         }
@@ -409,6 +451,34 @@ mod tests {
             assert!(out.iter().all(|x| *x == i as u8));
         }
         assert!(tx.try_write(1000, |b| b.fill(9)).unwrap());
+    }
+
+    #[test]
+    fn impossible_starting_indices_are_refused() {
+        for (head, tail) in [
+            (0, 3),
+            (8, 0),
+            (0, 4096 + 8),
+            (u64::MAX - 7, u64::MAX - 7),
+            (4, 4),
+        ] {
+            let mut ring = TestRing::new(4096);
+            ring.indices.head.0.store(head, Ordering::Relaxed);
+            ring.indices.tail.0.store(tail, Ordering::Relaxed);
+            let data = ring.data.as_mut_ptr().cast::<u8>();
+            let indices: *const RingIndices = &*ring.indices;
+            // SAFETY: the test ring outlives the attempt.
+            unsafe {
+                assert!(
+                    RingProducer::new(indices, data, 4096).is_err(),
+                    "({head}, {tail})"
+                );
+                assert!(
+                    RingConsumer::new(indices, data, 4096).is_err(),
+                    "({head}, {tail})"
+                );
+            }
+        }
     }
 
     #[test]

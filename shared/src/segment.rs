@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::doorbell::Doorbell;
 use crate::error::TransportError;
-use crate::ring::{self, CacheLine, RingConsumer, RingIndices, RingProducer};
+use crate::ring::{self, CacheLine, RingConsumer, RingError, RingIndices, RingProducer};
 use crate::sys::{self, Mapping};
 
 pub const PAGE: usize = 4096;
@@ -193,18 +193,18 @@ impl SlotSegment {
 
     /// # Safety
     /// Call at most once per segment and side; the returned ends must not outlive `self`.
-    pub unsafe fn client_ends(&self) -> (RingProducer, RingConsumer) {
+    pub unsafe fn client_ends(&self) -> Result<(RingProducer, RingConsumer), RingError> {
         let control = self.control();
         // SAFETY: pointers into our mapping with validated capacities; caller keeps the mapping alive.
         unsafe {
-            (
-                RingProducer::new(&control.client_to_server, self.data(PAGE), self.c2s_bytes),
+            Ok((
+                RingProducer::new(&control.client_to_server, self.data(PAGE), self.c2s_bytes)?,
                 RingConsumer::new(
                     &control.server_to_client,
                     self.data(PAGE + self.c2s_bytes),
                     self.s2c_bytes,
-                ),
-            )
+                )?,
+            ))
         }
     }
 
@@ -229,18 +229,18 @@ impl SlotSegment {
 
     /// # Safety
     /// As [`SlotSegment::client_ends`], for the server side. Call [`SlotSegment::validate_fresh_indices`] first.
-    pub unsafe fn server_ends(&self) -> (RingProducer, RingConsumer) {
+    pub unsafe fn server_ends(&self) -> Result<(RingProducer, RingConsumer), RingError> {
         let control = self.control();
         // SAFETY: as above.
         unsafe {
-            (
+            Ok((
                 RingProducer::new(
                     &control.server_to_client,
                     self.data(PAGE + self.c2s_bytes),
                     self.s2c_bytes,
-                ),
-                RingConsumer::new(&control.client_to_server, self.data(PAGE), self.c2s_bytes),
-            )
+                )?,
+                RingConsumer::new(&control.client_to_server, self.data(PAGE), self.c2s_bytes)?,
+            ))
         }
     }
 }

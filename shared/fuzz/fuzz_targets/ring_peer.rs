@@ -174,9 +174,14 @@ fuzz_target!(|input: &[u8]| {
     let shared = HeapRing::new(capacity, head, tail);
     let indices: *const RingIndices = &*shared.indices;
     // SAFETY: `shared` outlives both ends (declared first, dropped last); one producer, one consumer.
-    let mut producer = unsafe { RingProducer::new(indices, shared.data, capacity) };
+    // Impossible starting indices are refused by the constructors (the engine then refuses the slot).
+    let Ok(mut producer) = (unsafe { RingProducer::new(indices, shared.data, capacity) }) else {
+        return;
+    };
     // SAFETY: as above.
-    let consumer = unsafe { RingConsumer::new(indices, shared.data, capacity) };
+    let Ok(consumer) = (unsafe { RingConsumer::new(indices, shared.data, capacity) }) else {
+        return;
+    };
     let mut reader = if frames {
         Reader::Frames(FrameReceiver::new(consumer, MAX_MESSAGE))
     } else {

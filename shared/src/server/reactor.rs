@@ -94,7 +94,15 @@ fn take_inbox(shared: &Shared, slots: &mut Vec<Slot>) {
         let segment = Arc::new(segment);
         // SAFETY: one pair of ends per segment on the server side; they live in `Slot` next to the Arc'd
         // segment that backs them (the connection holds the segment).
-        let (producer, consumer) = unsafe { segment.server_ends() };
+        let (producer, consumer) = match unsafe { segment.server_ends() } {
+            Ok(ends) => ends,
+            Err(e) => {
+                tracing::warn!(slot, error = %e, "refusing a slot segment with impossible ring indices");
+                segment.mark_server_closed();
+                segment.client_bell().ring_always();
+                continue;
+            }
+        };
         let connection = Arc::new(ServerConnection {
             slot,
             generation: segment.generation(),
