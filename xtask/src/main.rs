@@ -42,6 +42,8 @@ const VOLT_NAME: &str = "lapce-ai";
 const WASM_TARGET: &str = "wasm32-wasip1";
 const BRIDGE: &str = "lapce-ai-lsp";
 const ENGINE: &str = "ai-engine";
+/// Cargo profile of shipped artifacts (defined in `.cargo/config.toml`).
+const PROFILE: &str = "dist";
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
@@ -127,7 +129,8 @@ impl Workspace {
     fn build_wasm(&self) -> Result<PathBuf> {
         self.cargo(&[
             "build",
-            "--release",
+            "--profile",
+            PROFILE,
             "--target",
             WASM_TARGET,
             "-p",
@@ -139,14 +142,15 @@ impl Workspace {
         Ok(self
             .target_dir
             .join(WASM_TARGET)
-            .join("release")
+            .join(PROFILE)
             .join("lapce_ai_volt.wasm"))
     }
 
     fn build_native(&self) -> Result<(PathBuf, PathBuf)> {
         self.cargo(&[
             "build",
-            "--release",
+            "--profile",
+            PROFILE,
             "-p",
             BRIDGE,
             "--bin",
@@ -157,7 +161,7 @@ impl Workspace {
             ENGINE,
         ])?;
         let exe = std::env::consts::EXE_SUFFIX;
-        let release = self.target_dir.join("release");
+        let release = self.target_dir.join(PROFILE);
         Ok((
             release.join(format!("{BRIDGE}{exe}")),
             release.join(format!("{ENGINE}{exe}")),
