@@ -270,9 +270,22 @@ impl AsyncClient {
         &self.inner().info
     }
 
-    /// False once the engine died, closed the connection, or the protocol broke.
+    /// False once the engine died, closed the connection, or the protocol broke (as last noticed: the pump
+    /// notices within the liveness interval; [`AsyncClient::check_alive`] asks now).
     pub fn is_alive(&self) -> bool {
         !self.inner().failed.load(Ordering::Acquire)
+    }
+
+    /// Probes the engine's lock right now (one syscall) and fails the connection if the engine is gone, so a
+    /// request is not sent into a connection whose engine just died.
+    pub fn check_alive(&self) -> bool {
+        let inner = self.inner();
+        if !inner.failed.load(Ordering::Acquire)
+            && (!inner.engine.alive() || inner.segment.server_closed())
+        {
+            inner.fail_all(|| inner.engine.gone());
+        }
+        self.is_alive()
     }
 
     /// Resolves when the connection has failed (engine gone, closed, protocol error).

@@ -99,7 +99,7 @@ impl ReconnectingClient {
     /// The live connection, connecting (and starting the engine if allowed) when there is none.
     pub async fn client(&self) -> Result<AsyncClient, TransportError> {
         let mut current = self.current.lock().await;
-        if let Some(client) = current.as_ref().filter(|c| c.is_alive()) {
+        if let Some(client) = current.as_ref().filter(|c| c.check_alive()) {
             return Ok(client.clone());
         }
         *current = None;
@@ -152,9 +152,15 @@ impl ReconnectingClient {
         }
     }
 
-    /// Sends a request on the live connection (connecting first if needed).
+    /// Sends a request on the live connection (connecting first if needed). If the engine turns out to be gone
+    /// before the request could be sent, it is sent once more on a fresh connection.
     pub async fn request<M: Message>(&self, message: &M) -> Result<ResponseStream, TransportError> {
-        self.client().await?.request(message).await
+        match self.client().await?.request(message).await {
+            Err(TransportError::ServerGone(_) | TransportError::Closed(_)) => {
+                self.client().await?.request(message).await
+            }
+            other => other,
+        }
     }
 }
 

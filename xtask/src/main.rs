@@ -1,4 +1,4 @@
-//! `cargo xtask`: builds the lapce-ai volt (wasm + native binaries), installs it and packages it.
+//! `cargo xtask`: builds, installs and packages the lapce-ai volt; runs the demo and the whole test suite.
 
 use std::{
     ffi::OsString,
@@ -11,8 +11,14 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "xtask", about = "Build, install and package the lapce-ai volt")]
+#[command(
+    name = "xtask",
+    about = "Build, install and package the lapce-ai volt; demo; tests"
+)]
 struct Cli {
+    /// Cargo profile for the volt's binaries (`dist` = release without debug info).
+    #[arg(long, global = true, default_value = PROFILE)]
+    profile: String,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -36,6 +42,18 @@ enum Cmd {
     },
     /// Only build the wasm volt.
     Wasm,
+    /// Install the volt (with the default model), then complete an example file without Lapce.
+    Demo {
+        /// Volt folder (default: Lapce's plugin folder).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Everything the tests need (wasm target, test model), then the whole test suite.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter after `--`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 const VOLT_NAME: &str = "lapce-ai";
@@ -47,8 +65,20 @@ const PROFILE: &str = "dist";
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    let ws = Workspace::locate()?;
+    let ws = Workspace::locate(cli.profile)?;
     match cli.command {
+        Cmd::Demo { dir } => {
+            let dir = match dir {
+                Some(d) => d,
+                None => default_plugin_dir()?,
+            };
+            ws.build_and_lay_out(&dir)?;
+            println!("installed the lapce-ai volt in {}", dir.display());
+            ensure_model(&ws, &dir);
+            print_usage(&dir);
+            demo(&ws, &dir)?;
+        }
+        Cmd::Test { args } => ws.test(&args)?,
         Cmd::Wasm => {
             let wasm = ws.build_wasm()?;
             println!("built {}", wasm.display());
@@ -91,10 +121,11 @@ struct Workspace {
     root: PathBuf,
     target_dir: PathBuf,
     cargo: OsString,
+    profile: String,
 }
 
 impl Workspace {
-    fn locate() -> Result<Self> {
+    fn locate(profile: String) -> Result<Self> {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"))
             .parent()
             .context("xtask has no parent folder")?
@@ -109,7 +140,57 @@ impl Workspace {
             root,
             target_dir,
             cargo,
+            profile,
         })
+    }
+
+    /// The folder cargo writes `self.profile`'s artifacts to.
+    fn profile_dir(&self) -> &str {
+        match self.profile.as_str() {
+            "dev" | "test" => "debug",
+            "bench" => "release",
+            other => other,
+        }
+    }
+
+    /// The README's test command: the wasm target, the test model, then `cargo test --workspace`.
+    fn test(&self, extra: &[String]) -> Result<()> {
+        let rustup = Command::new("rustup")
+            .args(["target", "add", WASM_TARGET])
+            .status();
+        if !matches!(rustup, Ok(s) if s.success()) {
+            println!("note: `rustup target add {WASM_TARGET}` did not succeed; the volt tests need that target");
+        }
+        let script = self.root.join("scripts").join("fetch-test-model.sh");
+        let output = Command::new("bash")
+            .arg(&script)
+            .current_dir(&self.root)
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .with_context(|| format!("running {}", script.display()))?;
+        if !output.status.success() {
+            bail!(
+                "{} failed ({}): the embedded-model tests need the model",
+                script.display(),
+                output.status
+            );
+        }
+        let model = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+        println!("test model: {model}");
+        let mut args = vec!["test", "--workspace"];
+        args.extend(extra.iter().map(String::as_str));
+        println!("$ cargo {}", args.join(" "));
+        let status = Command::new(&self.cargo)
+            .args(&args)
+            .current_dir(&self.root)
+            .env("CARGO_TARGET_DIR", &self.target_dir)
+            .env("LAPCE_AI_TEST_MODEL", &model)
+            .status()
+            .context("running cargo test")?;
+        if !status.success() {
+            bail!("tests failed ({status})");
+        }
+        Ok(())
     }
 
     fn cargo(&self, args: &[&str]) -> Result<()> {
@@ -130,7 +211,7 @@ impl Workspace {
         self.cargo(&[
             "build",
             "--profile",
-            PROFILE,
+            &self.profile,
             "--target",
             WASM_TARGET,
             "-p",
@@ -142,7 +223,7 @@ impl Workspace {
         Ok(self
             .target_dir
             .join(WASM_TARGET)
-            .join(PROFILE)
+            .join(self.profile_dir())
             .join("lapce_ai_volt.wasm"))
     }
 
@@ -150,7 +231,7 @@ impl Workspace {
         self.cargo(&[
             "build",
             "--profile",
-            PROFILE,
+            &self.profile,
             "-p",
             BRIDGE,
             "--bin",
@@ -161,7 +242,7 @@ impl Workspace {
             ENGINE,
         ])?;
         let exe = std::env::consts::EXE_SUFFIX;
-        let release = self.target_dir.join(PROFILE);
+        let release = self.target_dir.join(self.profile_dir());
         Ok((
             release.join(format!("{BRIDGE}{exe}")),
             release.join(format!("{ENGINE}{exe}")),
@@ -257,6 +338,38 @@ fn ensure_model(ws: &Workspace, dir: &Path) {
          or configure a remote provider profile for ai-engine.",
         engine.display()
     );
+}
+
+/// Completes `examples/fibonacci.py` with the installed engine (started on demand, like the bridge does).
+fn demo(ws: &Workspace, dir: &Path) -> Result<()> {
+    let engine = dir.join("bin").join(platform_name(ENGINE));
+    let example = ws.root.join("examples").join("fibonacci.py");
+    println!();
+    println!(
+        "$ {} complete --file {} --line 5 --column 12",
+        engine.display(),
+        example.display()
+    );
+    println!("--- {} (cursor after `return `) ---", example.display());
+    print!(
+        "{}",
+        fs::read_to_string(&example).with_context(|| format!("reading {}", example.display()))?
+    );
+    println!("--- completion ---");
+    let status = Command::new(&engine)
+        .args(["complete", "--line", "5", "--column", "12", "--file"])
+        .arg(&example)
+        .status()
+        .with_context(|| format!("running {}", engine.display()))?;
+    if !status.success() {
+        bail!("the demo completion failed ({status})");
+    }
+    println!("---");
+    println!(
+        "The engine keeps running for Lapce; stop it with `{} stop`.",
+        engine.display()
+    );
+    Ok(())
 }
 
 fn print_usage(dir: &Path) {

@@ -4,7 +4,6 @@
 //! Run: `cargo bench -p lapce-ai-lsp --bench bridge` (add `-- --json` for one JSON object).
 
 #[path = "../tests/support/mod.rs"]
-#[allow(dead_code)]
 mod support;
 
 use std::os::unix::fs::PermissionsExt;

@@ -228,6 +228,9 @@ fn xtask_install_produces_a_folder_the_host_loads() {
                 "-p",
                 "xtask",
                 "--",
+                // The test checks the layout, not the optimisation: reuse the test build's profile.
+                "--profile",
+                "dev",
                 "install",
                 "--skip-model",
                 "--dir",

@@ -1,0 +1,142 @@
+//! The daemon in-process with injected providers: a panicking provider and a missing model are errors for
+//! that request only; the daemon keeps serving.
+
+use std::os::unix::fs::PermissionsExt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use ai_engine::config::ProfileConfig;
+use ai_engine::daemon::{DaemonHandler, Handler};
+use ai_engine::engine::{Engine, ProviderFactory};
+use ai_engine::provider::{GenerationEvent, GenerationRequest, Provider, ProviderError};
+use ai_engine::testing::{instant_engine_parts, InstantProvider};
+use futures::stream::BoxStream;
+use lapce_ai_transport::protocol::{CompletionRequest, ErrorCode, FinishReason};
+use lapce_ai_transport::{
+    AsyncClient, ClientOptions, Endpoint, Server, ServerOptions, StreamEvent, TransportError,
+};
+
+/// Panics on every other request.
+struct Flaky {
+    calls: AtomicUsize,
+}
+
+impl Provider for Flaky {
+    fn kind(&self) -> &str {
+        "flaky"
+    }
+    fn model(&self) -> &str {
+        "flaky"
+    }
+    fn supports_native_fim(&self) -> bool {
+        true
+    }
+    fn generate(
+        &self,
+        request: GenerationRequest,
+    ) -> BoxStream<'static, Result<GenerationEvent, ProviderError>> {
+        if self.calls.fetch_add(1, Ordering::SeqCst) % 2 == 0 {
+            panic!("provider bug triggered by {:?}", request.max_tokens);
+        }
+        InstantProvider { text: "ok".into() }.generate(request)
+    }
+}
+
+async fn outcome(
+    client: &AsyncClient,
+    prefix: &str,
+) -> Result<(String, FinishReason), TransportError> {
+    let request = CompletionRequest {
+        prefix: prefix.into(),
+        ..CompletionRequest::default()
+    };
+    let mut stream = client.request(&request).await?;
+    let mut text = String::new();
+    while let Some(event) = stream.next().await {
+        match event? {
+            StreamEvent::Chunk { text: t, .. } => text.push_str(&t),
+            StreamEvent::End(end) => return Ok((text, end.finish_reason)),
+        }
+    }
+    unreachable!("streams always end with a terminal event")
+}
+
+fn endpoint(root: &tempfile::TempDir) -> Endpoint {
+    std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    Endpoint::in_root("inprocess", root.path()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_provider_fails_one_request_not_the_daemon() {
+    let root = tempfile::tempdir().unwrap();
+    let endpoint = endpoint(&root);
+    let (config, _) = instant_engine_parts("");
+    let flaky = Arc::new(Flaky {
+        calls: AtomicUsize::new(0),
+    });
+    let factory: ProviderFactory =
+        Arc::new(move |_p: &ProfileConfig| Ok(Arc::clone(&flaky) as Arc<dyn Provider>));
+    let engine = Engine::new(config, factory, "inprocess");
+    let daemon = DaemonHandler::new(engine, tokio::runtime::Handle::current());
+    let server = Server::bind(
+        &endpoint,
+        ServerOptions::default(),
+        Arc::new(Handler(daemon)),
+    )
+    .unwrap();
+    let client = AsyncClient::connect(&endpoint, ClientOptions::default())
+        .await
+        .unwrap();
+    for round in 0..3 {
+        match outcome(&client, &format!("x{round} = ")).await {
+            Err(TransportError::Remote { code, message }) => {
+                assert_eq!(code, ErrorCode::Internal);
+                assert!(message.contains("provider bug"), "{message}");
+            }
+            other => panic!("round {round}: expected the panic as an error, got {other:?}"),
+        }
+        assert_eq!(
+            outcome(&client, &format!("y{round} = ")).await.unwrap().0,
+            "ok"
+        );
+    }
+    drop(client);
+    tokio::task::spawn_blocking(move || server.shutdown())
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_model_is_an_actionable_error() {
+    let root = tempfile::tempdir().unwrap();
+    let endpoint = endpoint(&root);
+    let (config, _) = instant_engine_parts("");
+    let factory: ProviderFactory = Arc::new(|_p: &ProfileConfig| {
+        Err(ProviderError::ModelMissing(
+            "no model file; run `ai-engine models pull`".into(),
+        ))
+    });
+    let engine = Engine::new(config, factory, "inprocess");
+    let daemon = DaemonHandler::new(engine, tokio::runtime::Handle::current());
+    let server = Server::bind(
+        &endpoint,
+        ServerOptions::default(),
+        Arc::new(Handler(daemon)),
+    )
+    .unwrap();
+    let client = AsyncClient::connect(&endpoint, ClientOptions::default())
+        .await
+        .unwrap();
+    match outcome(&client, "a = ").await {
+        Err(TransportError::Remote { code, message }) => {
+            assert_eq!(code, ErrorCode::ModelMissing);
+            assert!(message.contains("ai-engine models pull"), "{message}");
+        }
+        other => panic!("expected ModelMissing, got {other:?}"),
+    }
+    assert!(client.is_alive());
+    drop(client);
+    tokio::task::spawn_blocking(move || server.shutdown())
+        .await
+        .unwrap();
+}
