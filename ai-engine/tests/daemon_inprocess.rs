@@ -35,7 +35,7 @@ impl Provider for Flaky {
         &self,
         request: GenerationRequest,
     ) -> BoxStream<'static, Result<GenerationEvent, ProviderError>> {
-        if self.calls.fetch_add(1, Ordering::SeqCst) % 2 == 0 {
+        if self.calls.fetch_add(1, Ordering::SeqCst).is_multiple_of(2) {
             panic!("provider bug triggered by {:?}", request.max_tokens);
         }
         InstantProvider { text: "ok".into() }.generate(request)

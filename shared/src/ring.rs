@@ -80,8 +80,8 @@ unsafe fn starting_indices(
             (*indices).tail.0.load(Ordering::Acquire),
         )
     };
-    let sane = head % 8 == 0
-        && tail % 8 == 0
+    let sane = head.is_multiple_of(8)
+        && tail.is_multiple_of(8)
         && head <= tail
         && tail - head <= capacity as u64
         && tail < u64::MAX / 2;

@@ -216,7 +216,7 @@ impl SlotSegment {
         let fresh = control.client_to_server.head.0.load(Ordering::Acquire) == 0
             && control.server_to_client.head.0.load(Ordering::Acquire) == 0
             && control.server_to_client.tail.0.load(Ordering::Acquire) == 0
-            && c2s_tail % 8 == 0
+            && c2s_tail.is_multiple_of(8)
             && c2s_tail <= self.c2s_bytes as u64;
         if fresh {
             Ok(())
