@@ -65,13 +65,7 @@ impl Provider for AnthropicProvider {
     }
 
     fn generate(&self, request: GenerationRequest) -> EventStream {
-        let (max_tokens, temperature) = HttpEndpoint::sampling(&self.profile, &request);
-        let mut body = json!({
-            "model": self.profile.model,
-            "max_tokens": max_tokens,
-            "temperature": temperature,
-            "stream": true,
-        });
+        let mut body = HttpEndpoint::streaming_body(&self.profile, &request);
         match &request.prompt {
             Prompt::Raw(text) => {
                 body["messages"] = json!([{"role": "user", "content": text}]);
@@ -102,7 +96,7 @@ impl Provider for AnthropicProvider {
         if !request.stop.is_empty() {
             body["stop_sequences"] = json!(request.stop);
         }
-        tracing::debug!(profile = %self.profile.name, max_tokens, "starting Anthropic generation");
+        tracing::debug!(profile = %self.profile.name, max_tokens = %body["max_tokens"], "starting Anthropic generation");
         let http_request = self.endpoint.post_json("/v1/messages", &body);
         let decoder = AnthropicDecoder {
             endpoint: Arc::clone(&self.endpoint),

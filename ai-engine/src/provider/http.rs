@@ -277,6 +277,21 @@ impl HttpEndpoint {
         .boxed()
     }
 
+    /// The request body fields every OpenAI-style streaming API shares: model, token limit, temperature,
+    /// `stream: true`.
+    pub fn streaming_body(
+        profile: &ProfileConfig,
+        request: &GenerationRequest,
+    ) -> serde_json::Value {
+        let (max_tokens, temperature) = Self::sampling(profile, request);
+        serde_json::json!({
+            "model": profile.model,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "stream": true,
+        })
+    }
+
     /// The effective `(max_tokens, temperature)`: the profile caps tokens and overrides the temperature.
     pub fn sampling(profile: &ProfileConfig, request: &GenerationRequest) -> (u32, f32) {
         let max_tokens = match profile.max_tokens {

@@ -43,13 +43,7 @@ impl Provider for MistralProvider {
     }
 
     fn generate(&self, request: GenerationRequest) -> EventStream {
-        let (max_tokens, temperature) = HttpEndpoint::sampling(&self.profile, &request);
-        let mut body = json!({
-            "model": self.profile.model,
-            "max_tokens": max_tokens,
-            "temperature": temperature,
-            "stream": true,
-        });
+        let mut body = HttpEndpoint::streaming_body(&self.profile, &request);
         let path = match &request.prompt {
             Prompt::FillInTheMiddle { prefix, suffix } => {
                 body["prompt"] = json!(prefix);
@@ -68,7 +62,7 @@ impl Provider for MistralProvider {
         if !request.stop.is_empty() {
             body["stop"] = json!(request.stop);
         }
-        tracing::debug!(profile = %self.profile.name, path, max_tokens, "starting Mistral generation");
+        tracing::debug!(profile = %self.profile.name, path, max_tokens = %body["max_tokens"], "starting Mistral generation");
         let http_request = self.endpoint.post_json(path, &body);
         // FIM streams carry chat-style `delta.content` chunks too.
         let decoder = OpenAiDecoder::new(Arc::clone(&self.endpoint), true);

@@ -78,15 +78,9 @@ impl Provider for OpenAiProvider {
     }
 
     fn generate(&self, request: GenerationRequest) -> EventStream {
-        let (max_tokens, temperature) = HttpEndpoint::sampling(&self.profile, &request);
         let completions = self.profile.kind == ProviderKind::OpenAiCompletions;
-        let mut body = json!({
-            "model": self.profile.model,
-            "max_tokens": max_tokens,
-            "temperature": temperature,
-            "stream": true,
-            "stream_options": {"include_usage": true},
-        });
+        let mut body = HttpEndpoint::streaming_body(&self.profile, &request);
+        body["stream_options"] = json!({"include_usage": true});
         let chat = match (&request.prompt, completions) {
             (Prompt::Raw(text), true) => {
                 body["prompt"] = json!(text);
@@ -120,7 +114,7 @@ impl Provider for OpenAiProvider {
         } else {
             "/v1/completions"
         };
-        tracing::debug!(profile = %self.profile.name, path, max_tokens, "starting OpenAI-compatible generation");
+        tracing::debug!(profile = %self.profile.name, path, max_tokens = %body["max_tokens"], "starting OpenAI-compatible generation");
         let http_request = self.endpoint.post_json(path, &body);
         let decoder = OpenAiDecoder::new(Arc::clone(&self.endpoint), chat);
         generation_stream(
