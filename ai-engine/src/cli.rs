@@ -549,7 +549,7 @@ mod tests {
     #[test]
     fn positions_are_one_based_characters() {
         let text = "fn main() {\n    let é = 1;\n}\n";
-        let (p, s) = split_at_position(text, 2, 9).unwrap();
+        let (p, s) = split_at_position(text, 2, 10).unwrap();
         assert_eq!(p, "fn main() {\n    let é");
         assert_eq!(s, " = 1;\n}\n");
         let (p, s) = split_at_position(text, 2, 999).unwrap();
