@@ -201,7 +201,11 @@ pub fn run(cli: Cli) -> ExitCode {
                 engine_args.push("--config".into());
                 engine_args.push(config.clone().into_os_string());
             }
-            runtime.block_on(client_command(command, endpoint, cli.no_start, engine_args))
+            let code =
+                runtime.block_on(client_command(command, endpoint, cli.no_start, engine_args));
+            // Do not wait for background work (e.g. a reconnect watcher) when the command is done.
+            runtime.shutdown_timeout(Duration::from_millis(100));
+            code
         }
     }
 }

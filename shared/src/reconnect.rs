@@ -170,6 +170,9 @@ impl Drop for ReconnectingClient {
     }
 }
 
+/// How long one blocking wait of the background reconnect lasts before it yields back to the runtime.
+const WATCH_SLICE: Duration = Duration::from_secs(1);
+
 /// Background task: whenever the current connection fails, wait for the next engine and reconnect at once.
 async fn watch_and_reconnect(
     endpoint: Endpoint,
@@ -186,13 +189,15 @@ async fn watch_and_reconnect(
         };
         client.failed().await;
         drop(client);
-        let waiting_for = endpoint.clone();
-        let ready = tokio::task::spawn_blocking(move || {
-            wait_for_engine(&waiting_for, Duration::from_secs(24 * 3600))
-        })
-        .await;
-        if !matches!(ready, Ok(Ok(()))) {
-            continue;
+        // Wait for the next engine in short blocking slices: a runtime shutting down never waits long for us.
+        loop {
+            let waiting_for = endpoint.clone();
+            let ready =
+                tokio::task::spawn_blocking(move || wait_for_engine(&waiting_for, WATCH_SLICE))
+                    .await;
+            if matches!(ready, Ok(Ok(()))) {
+                break;
+            }
         }
         let mut slot = current.lock().await;
         if slot.as_ref().is_some_and(AsyncClient::is_alive) {
