@@ -228,6 +228,16 @@ impl ServerHandler for Handler {
     }
 }
 
+/// Resolves when `signal` arrives (never, if its handler could not be installed).
+async fn received(signal: &mut std::io::Result<tokio::signal::unix::Signal>) {
+    match signal.as_mut() {
+        Ok(signal) => {
+            signal.recv().await;
+        }
+        Err(_) => std::future::pending::<()>().await,
+    }
+}
+
 /// Runs the engine in the foreground until a `Shutdown` message, SIGINT or SIGTERM.
 pub fn serve(
     config: EngineConfig,
@@ -246,6 +256,14 @@ pub fn serve(
         server_name: format!("ai-engine {}", env!("CARGO_PKG_VERSION")),
         ..ServerOptions::default()
     };
+    // Signal handlers exist before the endpoint is ready, so a SIGTERM right after start-up is a clean stop.
+    let (mut terminate, mut interrupt) = runtime.block_on(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        )
+    });
     let server = Server::bind(endpoint, options, Arc::new(Handler(Arc::clone(&daemon))))?;
     engine.warm_up();
     tracing::info!(
@@ -254,20 +272,10 @@ pub fn serve(
         "ai-engine serving"
     );
     runtime.block_on(async {
-        let mut terminate =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        let terminated = async {
-            match terminate.as_mut() {
-                Some(signal) => {
-                    signal.recv().await;
-                }
-                None => std::future::pending::<()>().await,
-            }
-        };
         tokio::select! {
             () = daemon.shutdown.cancelled() => {}
-            _ = tokio::signal::ctrl_c() => tracing::info!("interrupted"),
-            () = terminated => tracing::info!("terminated"),
+            () = received(&mut interrupt) => tracing::info!("interrupted"),
+            () = received(&mut terminate) => tracing::info!("terminated"),
         }
     });
     for token in daemon.in_flight().values() {
