@@ -196,3 +196,41 @@ pub fn scripted_request(text: &str, chunks: u32, delay: Option<Duration>) -> Com
         ..CompletionRequest::default()
     }
 }
+
+/// Names in /dev/shm that start with `prefix`.
+pub fn shm_names_with_prefix(prefix: &str) -> Vec<String> {
+    std::fs::read_dir("/dev/shm")
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+                .filter(|n| n.starts_with(prefix))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Files (not directories) anywhere below `dir`; empty when `dir` does not exist.
+pub fn files_below(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(files_below(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
+/// Panics, naming what is left, unless `endpoint` left nothing in /dev/shm or in its rendezvous directory.
+pub fn assert_endpoint_clean(endpoint: &crate::Endpoint) {
+    let shm = shm_names_with_prefix(&endpoint.shm_prefix());
+    assert!(shm.is_empty(), "shared memory left behind: {shm:?}");
+    let files = files_below(endpoint.dir());
+    assert!(
+        files.is_empty(),
+        "files left in the rendezvous dir: {files:?}"
+    );
+}

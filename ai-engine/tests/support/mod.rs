@@ -69,35 +69,8 @@ impl Sandbox {
 
     /// Nothing of this endpoint is left in /dev/shm or the rendezvous directory.
     pub fn assert_clean(&self) {
-        let prefix = self.endpoint.shm_prefix();
-        let leaked: Vec<String> = std::fs::read_dir("/dev/shm")
-            .unwrap()
-            .flatten()
-            .filter_map(|e| e.file_name().to_str().map(str::to_owned))
-            .filter(|n| n.starts_with(&prefix))
-            .collect();
-        assert!(leaked.is_empty(), "shared memory left behind: {leaked:?}");
-        let files: Vec<_> = walk(self.endpoint.dir());
-        assert!(
-            files.is_empty(),
-            "files left in the rendezvous dir: {files:?}"
-        );
+        lapce_ai_transport::testing::assert_endpoint_clean(&self.endpoint);
     }
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                out.extend(walk(&p));
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
 }
 
 /// A running engine process, killed on drop if still alive.

@@ -102,34 +102,11 @@ impl Sandbox {
     }
 
     fn assert_clean(&self) {
-        let dir = self.dir.path().join("run").join(&self.endpoint);
-        let leftovers: Vec<_> = walk(&dir);
-        assert!(
-            leftovers.is_empty(),
-            "left in the rendezvous dir: {leftovers:?}"
-        );
-        let uid = unsafe { libc::getuid() };
-        let prefix = format!("lapce-ai-{uid}-{}-", self.endpoint);
-        let shm: Vec<String> = std::fs::read_dir("/dev/shm")
-            .expect("/dev/shm")
-            .flatten()
-            .filter_map(|e| e.file_name().to_str().map(str::to_owned))
-            .filter(|n| n.starts_with(&prefix))
-            .collect();
-        assert!(shm.is_empty(), "left in /dev/shm: {shm:?}");
+        let run = self.dir.path().join("run");
+        let endpoint =
+            lapce_ai_transport::Endpoint::in_root(&self.endpoint, &run).expect("endpoint");
+        lapce_ai_transport::testing::assert_endpoint_clean(&endpoint);
     }
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        if entry.path().is_dir() {
-            out.extend(walk(&entry.path()));
-        } else {
-            out.push(entry.path());
-        }
-    }
-    out
 }
 
 fn wait_until(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {

@@ -391,15 +391,7 @@ impl Drop for Peer {
 }
 
 fn shm_leftovers(prefix: &str) -> Vec<String> {
-    std::fs::read_dir("/dev/shm")
-        .map(|entries| {
-            entries
-                .flatten()
-                .filter_map(|e| e.file_name().to_str().map(str::to_owned))
-                .filter(|n| n.starts_with(prefix))
-                .collect()
-        })
-        .unwrap_or_default()
+    lapce_ai_transport::testing::shm_names_with_prefix(prefix)
 }
 
 fn assert_no_shm(prefix: &str) -> Res<()> {

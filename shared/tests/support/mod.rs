@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use lapce_ai_transport::server::{ServerConnection, ServerHandler};
-use lapce_ai_transport::{Endpoint, ReceivedMessage};
+use lapce_ai_transport::{testing, Endpoint, ReceivedMessage};
 
 /// A private endpoint in its own temp root; on drop asserts that no shared memory of it is left.
 pub struct TestEndpoint {
@@ -29,45 +29,16 @@ impl TestEndpoint {
 
     /// Shared-memory names of this endpoint still in /dev/shm.
     pub fn leftover_shm(&self) -> Vec<String> {
-        let prefix = self.endpoint.shm_prefix();
-        std::fs::read_dir("/dev/shm")
-            .unwrap()
-            .flatten()
-            .filter_map(|e| e.file_name().to_str().map(str::to_owned))
-            .filter(|n| n.starts_with(&prefix))
-            .collect()
+        testing::shm_names_with_prefix(&self.endpoint.shm_prefix())
     }
 
     /// Files (not directories) left in the rendezvous directory.
     pub fn leftover_files(&self) -> Vec<PathBuf> {
-        fn walk(dir: &std::path::Path, out: &mut Vec<PathBuf>) {
-            if let Ok(entries) = std::fs::read_dir(dir) {
-                for e in entries.flatten() {
-                    let p = e.path();
-                    if p.is_dir() {
-                        walk(&p, out);
-                    } else {
-                        out.push(p);
-                    }
-                }
-            }
-        }
-        let mut out = Vec::new();
-        walk(self.endpoint.dir(), &mut out);
-        out
+        testing::files_below(self.endpoint.dir())
     }
 
     pub fn assert_clean(&self) {
-        assert_eq!(
-            self.leftover_shm(),
-            Vec::<String>::new(),
-            "shared memory left behind"
-        );
-        assert_eq!(
-            self.leftover_files(),
-            Vec::<PathBuf>::new(),
-            "files left in the rendezvous dir"
-        );
+        testing::assert_endpoint_clean(&self.endpoint);
     }
 }
 
