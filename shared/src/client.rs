@@ -533,7 +533,8 @@ fn send_blocking(
             if parts.sender.has_space_for(remaining)? {
                 break Ok(());
             }
-            if let Err(e) = wait_step(parts, spin, deadline, "waiting for ring space", |_| false) {
+            let ready = |p: &ClientParts| p.sender.may_have_space_for(remaining);
+            if let Err(e) = wait_step(parts, spin, deadline, "waiting for ring space", ready) {
                 break Err(e);
             }
         };

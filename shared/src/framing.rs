@@ -84,12 +84,23 @@ impl FrameSender {
 
     /// True when a fragment of `payload_len` bytes (capped at one fragment) would fit now.
     pub fn has_space_for(&mut self, payload_len: usize) -> Result<bool, TransportError> {
-        let need = ring::RECORD_HEADER_LEN * 2
+        let used = self.producer.used_bytes()? as usize;
+        Ok(self.producer.capacity() - used >= self.space_needed(payload_len))
+    }
+
+    /// Cheap, unvalidated version of [`FrameSender::has_space_for`] for spinning waiters.
+    pub fn may_have_space_for(&self, payload_len: usize) -> bool {
+        let used = self.producer.used_bytes_hint() as usize;
+        self.producer.capacity().saturating_sub(used) >= self.space_needed(payload_len)
+    }
+
+    /// Free bytes that guarantee the next fragment fits: worst case a padding record of up to the record's
+    /// size precedes it.
+    fn space_needed(&self, payload_len: usize) -> usize {
+        let record = ring::RECORD_HEADER_LEN * 2
             + FRAME_HEADER_LEN
             + payload_len.min(self.max_fragment).div_ceil(8) * 8;
-        let used = self.producer.used_bytes()? as usize;
-        // Worst case a padding record of up to `need` bytes precedes the record.
-        Ok(self.producer.capacity() - used >= 2 * need)
+        2 * record
     }
 
     pub fn set_waiting_for_space(&self, waiting: bool) {

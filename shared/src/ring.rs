@@ -161,6 +161,13 @@ impl RingProducer {
         Ok(self.tail - self.cached_head)
     }
 
+    /// Unvalidated look at the bytes in use, for a waiter's cheap readiness check; [`RingProducer::used_bytes`]
+    /// is the checked value.
+    pub fn used_bytes_hint(&self) -> u64 {
+        self.tail
+            .saturating_sub(self.indices().head.0.load(Ordering::Acquire))
+    }
+
     /// Writes one record of `len` bytes filled by `fill` and publishes it. Returns `Ok(false)` when the ring is
     /// currently too full (nothing written).
     pub fn try_write(
