@@ -60,9 +60,10 @@ impl EngineBackend {
         };
         let endpoint = Endpoint::named(endpoint_name)
             .map_err(|e| BackendError::new(BackendErrorKind::Config, e.to_string()))?;
-        let explicit =
-            Some(PathBuf::from(&state.settings.engine_path)).filter(|p| !p.as_os_str().is_empty());
-        let starter = find_engine(explicit).map(|engine| autostart::starter(engine, Vec::new()));
+        // The `engine-path` setting (empty = unset), else next to this bridge, else PATH.
+        let explicit = PathBuf::from(&state.settings.engine_path);
+        let starter = autostart::locate_engine(Some(&explicit))
+            .map(|engine| autostart::starter(engine, Vec::new()));
         let options = ClientOptions {
             client_name: format!("lapce-ai-lsp pid {}", std::process::id()),
             ..ClientOptions::default()
@@ -145,10 +146,4 @@ fn backend_error(error: TransportError) -> BackendError {
         other => other.to_string(),
     };
     BackendError::new(kind, message)
-}
-
-/// Where the engine binary is: the `engine-path` setting, else next to this bridge (`ai-engine` or
-/// `ai-engine-<os>-<arch>`, as the volt ships it), else on PATH.
-pub fn find_engine(explicit: Option<PathBuf>) -> Option<PathBuf> {
-    autostart::locate_engine(explicit.as_deref())
 }
