@@ -58,6 +58,7 @@ fn raw(prompt: &str, max_tokens: u32) -> GenerationRequest {
         max_tokens,
         temperature: 0.0,
         stop: Vec::new(),
+        extra_context: Vec::new(),
     }
 }
 
@@ -274,6 +275,7 @@ async fn fim_and_chat_prompts() {
         max_tokens: 8,
         temperature: 0.0,
         stop: vec![],
+        extra_context: vec![],
     };
     let out = collect(p.generate(fim)).await.expect("fim");
     assert!(out.usage.completion_tokens > 0);
@@ -289,6 +291,7 @@ async fn fim_and_chat_prompts() {
         max_tokens: 16,
         temperature: 0.7,
         stop: vec![],
+        extra_context: vec![],
     };
     let out = collect(p.generate(chat)).await.expect("chat");
     println!("chat: {:?}", out.text);

@@ -299,6 +299,7 @@ impl BuiltPrompt {
             max_tokens,
             temperature,
             stop: self.stop.clone(),
+            extra_context: Vec::new(),
         }
     }
 }

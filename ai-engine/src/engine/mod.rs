@@ -279,6 +279,7 @@ impl Engine {
                 .or(request.temperature)
                 .unwrap_or(DEFAULT_CHAT_TEMPERATURE),
             stop: Vec::new(),
+            extra_context: Vec::new(),
         };
         self.run(
             provider.as_ref(),

@@ -37,6 +37,15 @@ pub enum ChatRole {
     Assistant,
 }
 
+/// A snippet of another file given to the model as extra context (llama.cpp `input_extra`, repo-level FIM).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContextChunk {
+    /// The file the snippet comes from, as the editor names it (workspace-relative when known).
+    pub path: String,
+    /// The snippet itself.
+    pub text: String,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerationRequest {
     pub prompt: Prompt,
@@ -44,6 +53,9 @@ pub struct GenerationRequest {
     pub temperature: f32,
     /// Provider-side stop sequences.
     pub stop: Vec<String>,
+    /// Snippets of other files for providers that take them as a separate field (llama.cpp `/infill`).
+    /// Prompt styles that render context into the prompt text leave this empty.
+    pub extra_context: Vec<ContextChunk>,
 }
 
 /// Why the provider stopped.

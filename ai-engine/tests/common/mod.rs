@@ -186,6 +186,7 @@ pub fn request(prompt: Prompt) -> GenerationRequest {
         max_tokens: 64,
         temperature: 0.2,
         stop: vec![],
+        extra_context: vec![],
     }
 }
 
