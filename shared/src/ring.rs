@@ -6,7 +6,7 @@
 //! so the peer can lie about its own index but never corrupt ours; every value read from shared memory is
 //! validated before use.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 
 /// Bytes of the per-record header.
 pub const RECORD_HEADER_LEN: usize = 8;
@@ -241,6 +241,9 @@ impl RingProducer {
             .producer_waiting
             .0
             .store(u32::from(waiting), Ordering::SeqCst);
+        // Pairs with the consumer's fence in `take_producer_waiting`: the caller's re-check of head comes after
+        // the flag is visible.
+        fence(Ordering::SeqCst);
     }
 }
 
@@ -366,10 +369,15 @@ impl RingConsumer {
         }
     }
 
-    /// True when the producer announced it waits for space; clears the announcement.
+    /// True when the producer announced it waits for space; clears the announcement. Call after consuming.
     pub fn take_producer_waiting(&self) -> bool {
+        // The head we published (Release) must be visible before we read the producer's flag: the producer
+        // does the mirror image (sets the flag, SeqCst, then re-reads head). Without this fence the store of
+        // head can sit in this CPU's store buffer while the flag reads 0, and both sides miss each other
+        // (a lost wake-up). One fence per drained batch, not per message.
+        fence(Ordering::SeqCst);
         let flag = &self.indices().producer_waiting.0;
-        flag.load(Ordering::SeqCst) != 0 && flag.swap(0, Ordering::SeqCst) != 0
+        flag.load(Ordering::Relaxed) != 0 && flag.swap(0, Ordering::SeqCst) != 0
     }
 }
 

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 
 use inotify::{EventMask, Inotify, WatchMask};
 
-use super::{Attach, Shared};
+use super::{Attach, InboxEvent, Shared};
 use crate::endpoint::Endpoint;
 use crate::error::TransportError;
 use crate::lockfile::{HeldLock, TryLock};
@@ -142,7 +142,12 @@ fn check_announcement(shared: &Shared, slot: u32) {
     }
     if let Some(old) = previous {
         // The slot changed hands: the old holder is gone.
-        shared.post(|inbox| inbox.detach.push((slot, old)));
+        shared.post(|inbox| {
+            inbox.events.push(InboxEvent::Detach {
+                slot,
+                generation: old,
+            })
+        });
     }
     let name = shared.endpoint.shm_name(slot, generation);
     match SlotSegment::open(&name, generation) {
@@ -150,7 +155,11 @@ fn check_announcement(shared: &Shared, slot: u32) {
             // Both sides have it mapped now: remove the name so a crash leaves nothing in /dev/shm.
             let _ = crate::sys::shm_unlink(&name);
             lock(&shared.attached).insert(slot, generation);
-            shared.post(|inbox| inbox.attach.push(Attach { slot, segment }));
+            shared.post(|inbox| {
+                inbox
+                    .events
+                    .push(InboxEvent::Attach(Attach { slot, segment }))
+            });
         }
         Err(TransportError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
         }
@@ -183,7 +192,7 @@ fn check_death(shared: &Shared, slot: u32) {
     if gone {
         if let Some(generation) = lock(&shared.attached).remove(&slot) {
             tracing::debug!(slot, "client gone");
-            shared.post(|inbox| inbox.detach.push((slot, generation)));
+            shared.post(|inbox| inbox.events.push(InboxEvent::Detach { slot, generation }));
         }
     }
 }

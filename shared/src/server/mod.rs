@@ -62,10 +62,20 @@ struct Attach {
     segment: SlotSegment,
 }
 
+/// What the acceptor tells the reactor, in the order it happened: a client that attaches and dies before the
+/// reactor looks must be attached and then detached, never the other way round.
+enum InboxEvent {
+    Attach(Attach),
+    /// The holder of `slot` at `generation` is gone.
+    Detach {
+        slot: u32,
+        generation: u64,
+    },
+}
+
 #[derive(Default)]
 struct Inbox {
-    detach: Vec<(u32, u64)>,
-    attach: Vec<Attach>,
+    events: Vec<InboxEvent>,
 }
 
 pub(crate) struct Shared {

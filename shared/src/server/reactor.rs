@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::connection::{DisconnectReason, ServerConnection};
-use super::{Attach, Shared};
+use super::{Attach, InboxEvent, Shared};
 use tokio::sync::Notify;
 
 use crate::doorbell::{self, SpinPolicy};
@@ -79,50 +79,62 @@ fn ready(slot: &Slot) -> bool {
     writer.space_wanted_and_available()
 }
 
+/// Applies the acceptor's events in the order they happened (an attach followed by the same client's detach
+/// must end with the connection closed).
 fn take_inbox(shared: &Shared, slots: &mut Vec<Slot>) {
     let inbox = std::mem::take(&mut *shared.inbox.lock().unwrap_or_else(|p| p.into_inner()));
-    for (slot_number, generation) in inbox.detach {
-        if let Some(index) = slots
-            .iter()
-            .position(|s| s.connection.slot == slot_number && s.connection.generation == generation)
-        {
-            let slot = slots.swap_remove(index);
-            close(shared, slot, DisconnectReason::ClientGone);
+    for event in inbox.events {
+        match event {
+            InboxEvent::Detach { slot, generation } => {
+                if let Some(index) = slots.iter().position(|s| {
+                    s.connection.slot == slot && s.connection.generation == generation
+                }) {
+                    let gone = slots.swap_remove(index);
+                    close(shared, gone, DisconnectReason::ClientGone);
+                }
+            }
+            InboxEvent::Attach(attach) => {
+                if let Some(slot) = attach_slot(shared, attach) {
+                    slots.push(slot);
+                }
+            }
         }
     }
-    for Attach { slot, segment } in inbox.attach {
-        let segment = Arc::new(segment);
-        // SAFETY: one pair of ends per segment on the server side; they live in `Slot` next to the Arc'd
-        // segment that backs them (the connection holds the segment).
-        let (producer, consumer) = match unsafe { segment.server_ends() } {
-            Ok(ends) => ends,
-            Err(e) => {
-                tracing::warn!(slot, error = %e, "refusing a slot segment with impossible ring indices");
-                segment.mark_server_closed();
-                segment.client_bell().ring_always();
-                continue;
-            }
-        };
-        let connection = Arc::new(ServerConnection {
-            slot,
-            generation: segment.generation(),
-            client_pid: segment.client_pid(),
-            client_name: Mutex::new(String::new()),
-            segment: Arc::clone(&segment),
-            writer: AsyncWriter::new(FrameSender::new(producer), shared.options.send_timeout),
-            closed: AtomicBool::new(false),
-            credits: Mutex::new(HashMap::new()),
-            credit_changed: Notify::new(),
-            stream_window: shared.options.stream_window_bytes,
-        });
-        tracing::debug!(slot, pid = segment.client_pid(), "slot attached");
-        slots.push(Slot {
-            connection,
-            receiver: FrameReceiver::new(consumer, shared.options.max_message_bytes),
-            handshaken: false,
-            deferred: VecDeque::new(),
-        });
-    }
+}
+
+/// Maps a newly announced segment into a connection; `None` (and the client told) when its rings are impossible.
+fn attach_slot(shared: &Shared, Attach { slot, segment }: Attach) -> Option<Slot> {
+    let segment = Arc::new(segment);
+    // SAFETY: one pair of ends per segment on the server side; they live in `Slot` next to the Arc'd
+    // segment that backs them (the connection holds the segment).
+    let (producer, consumer) = match unsafe { segment.server_ends() } {
+        Ok(ends) => ends,
+        Err(e) => {
+            tracing::warn!(slot, error = %e, "refusing a slot segment with impossible ring indices");
+            segment.mark_server_closed();
+            segment.client_bell().ring_always();
+            return None;
+        }
+    };
+    let connection = Arc::new(ServerConnection {
+        slot,
+        generation: segment.generation(),
+        client_pid: segment.client_pid(),
+        client_name: Mutex::new(String::new()),
+        segment: Arc::clone(&segment),
+        writer: AsyncWriter::new(FrameSender::new(producer), shared.options.send_timeout),
+        closed: AtomicBool::new(false),
+        credits: Mutex::new(HashMap::new()),
+        credit_changed: Notify::new(),
+        stream_window: shared.options.stream_window_bytes,
+    });
+    tracing::debug!(slot, pid = segment.client_pid(), "slot attached");
+    Some(Slot {
+        connection,
+        receiver: FrameReceiver::new(consumer, shared.options.max_message_bytes),
+        handshaken: false,
+        deferred: VecDeque::new(),
+    })
 }
 
 fn close(shared: &Shared, slot: Slot, reason: DisconnectReason) {
