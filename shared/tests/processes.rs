@@ -125,6 +125,41 @@ async fn kill9_of_a_streaming_client_frees_its_slot_and_spares_others() {
     ep.assert_clean();
 }
 
+/// Many clients killed at once: the kernel queues each IN_CLOSE_WRITE before it drops the flock, so the
+/// acceptor's first probe can find a lock still held; it must probe again rather than miss the death.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_death_is_noticed_when_many_clients_are_killed_at_once() {
+    let ep = TestEndpoint::new("killmany");
+    let peer = ScriptedPeer::new(tokio::runtime::Handle::current());
+    let server = Server::bind(
+        &ep.endpoint,
+        ServerOptions::default(),
+        Arc::new(ScriptedHandler(Arc::clone(&peer))),
+    )
+    .unwrap();
+    const VICTIMS: usize = 16;
+    let mut victims: Vec<Peer> = (0..VICTIMS).map(|_| Peer::streaming_client(&ep)).collect();
+    assert_eq!(server.connection_count(), VICTIMS);
+    let killed = Instant::now();
+    for victim in &mut victims {
+        victim.kill9();
+    }
+    while server.connection_count() != 0 {
+        assert!(
+            killed.elapsed() < DETECT,
+            "{} of {VICTIMS} client deaths not noticed within {DETECT:?}",
+            server.connection_count()
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(peer.client_gone.load(Ordering::Acquire), VICTIMS as u64);
+    println!("{VICTIMS} deaths noticed after {:?}", killed.elapsed());
+    tokio::task::spawn_blocking(move || server.shutdown())
+        .await
+        .unwrap();
+    ep.assert_clean();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_of_the_engine_fails_pending_requests_and_reconnect_follows_a_restart() {
     let ep = TestEndpoint::new("killserver");

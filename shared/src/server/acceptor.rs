@@ -3,6 +3,7 @@
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use inotify::{EventMask, Inotify, WatchMask};
 
@@ -30,6 +31,7 @@ pub(super) fn watch_slots(endpoint: &Endpoint) -> Result<Inotify, TransportError
 pub(super) fn run(shared: &Shared, mut inotify: Inotify, wake: &OwnedFd) {
     rescan(shared);
     let mut buffer = vec![0u8; 64 * 1024];
+    let mut rechecks = Rechecks::default();
     loop {
         let mut fds = [
             libc::pollfd {
@@ -44,9 +46,13 @@ pub(super) fn run(shared: &Shared, mut inotify: Inotify, wake: &OwnedFd) {
             },
         ];
         // SAFETY: fds is a valid array of two pollfd.
-        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, rechecks.poll_timeout_ms()) };
         if shared.stop.load(Ordering::SeqCst) {
             return;
+        }
+        rechecks.run_due(shared);
+        if rc == 0 {
+            continue;
         }
         if rc < 0 {
             let err = std::io::Error::last_os_error();
@@ -86,8 +92,11 @@ pub(super) fn run(shared: &Shared, mut inotify: Inotify, wake: &OwnedFd) {
             continue;
         }
         for (slot, mask) in to_check {
-            if mask.intersects(EventMask::CLOSE_WRITE | EventMask::DELETE) {
-                check_death(shared, slot);
+            if mask.intersects(EventMask::CLOSE_WRITE | EventMask::DELETE)
+                && check_death(shared, slot)
+                && lock(&shared.attached).contains_key(&slot)
+            {
+                rechecks.schedule(slot);
             }
             if mask.contains(EventMask::MODIFY) {
                 check_announcement(shared, slot);
@@ -172,7 +181,8 @@ fn check_announcement(shared: &Shared, slot: u32) {
 }
 
 /// A slot file was closed or deleted: if nobody holds its lock any more, the client is gone.
-fn check_death(shared: &Shared, slot: u32) {
+/// Returns true when the lock is still held (the caller may probe again: see [`Rechecks`]).
+fn check_death(shared: &Shared, slot: u32) -> bool {
     let path = shared.endpoint.slot_lock_path(slot);
     let gone = match HeldLock::try_acquire_existing(&path) {
         Ok(Some(TryLock::Busy)) => false,
@@ -194,5 +204,63 @@ fn check_death(shared: &Shared, slot: u32) {
             tracing::debug!(slot, "client gone");
             shared.post(|inbox| inbox.events.push(InboxEvent::Detach { slot, generation }));
         }
+    }
+    !gone
+}
+
+/// Slots to probe again after a close event found their lock still held. A dying process's files are closed
+/// (IN_CLOSE_WRITE queued) before the kernel drops its flock, so the first probe can lose that race; a few
+/// probes with a growing delay (1 ms .. 128 ms, about 255 ms in all) close the gap without polling forever.
+#[derive(Default)]
+struct Rechecks {
+    pending: Vec<Recheck>,
+}
+
+struct Recheck {
+    slot: u32,
+    due: Instant,
+    delay: Duration,
+}
+
+impl Rechecks {
+    const FIRST_DELAY: Duration = Duration::from_millis(1);
+    const LAST_DELAY: Duration = Duration::from_millis(128);
+
+    fn schedule(&mut self, slot: u32) {
+        self.pending.retain(|r| r.slot != slot);
+        self.pending.push(Recheck {
+            slot,
+            due: Instant::now() + Self::FIRST_DELAY,
+            delay: Self::FIRST_DELAY,
+        });
+    }
+
+    /// Milliseconds until the next probe is due, as `poll` wants it (-1 = none pending).
+    fn poll_timeout_ms(&self) -> libc::c_int {
+        let now = Instant::now();
+        self.pending
+            .iter()
+            .map(|r| r.due.saturating_duration_since(now))
+            .min()
+            .map_or(-1, |d| d.as_millis().clamp(1, 1_000) as libc::c_int)
+    }
+
+    /// Probes every slot that is due; reschedules those still held until the last delay has passed.
+    fn run_due(&mut self, shared: &Shared) {
+        let now = Instant::now();
+        let mut still = Vec::new();
+        for mut recheck in std::mem::take(&mut self.pending) {
+            if recheck.due > now {
+                still.push(recheck);
+                continue;
+            }
+            let attached = lock(&shared.attached).contains_key(&recheck.slot);
+            if attached && check_death(shared, recheck.slot) && recheck.delay < Self::LAST_DELAY {
+                recheck.delay *= 2;
+                recheck.due = now + recheck.delay;
+                still.push(recheck);
+            }
+        }
+        self.pending = still;
     }
 }
