@@ -116,8 +116,19 @@ impl SlotSegment {
     pub fn open(name: &str, expected_generation: u64) -> Result<Self, TransportError> {
         let fd = sys::shm_open_existing(name)
             .map_err(|e| TransportError::io(format!("opening shared memory {name}"), e))?;
-        let (size, _) = sys::fstat_size_inode(&fd)
-            .map_err(|e| TransportError::io("inspecting shared memory", e))?;
+        let facts =
+            sys::fstat(&fd).map_err(|e| TransportError::io("inspecting shared memory", e))?;
+        // Names in /dev/shm are visible to every local user: a segment someone else created (or could
+        // write) must never be served, or another user would talk to this user's engine with its keys.
+        if facts.uid != sys::current_uid() || facts.mode & 0o077 != 0 {
+            return Err(TransportError::UnsafeRendezvous(format!(
+                "shared memory {name} is owned by uid {} with mode {:o}; expected uid {} and mode 600",
+                facts.uid,
+                facts.mode,
+                sys::current_uid()
+            )));
+        }
+        let size = facts.size;
         let max = (PAGE + 2 * ring::MAX_RING_BYTES) as u64;
         if size < (PAGE + 2 * ring::MIN_RING_BYTES) as u64 || size > max {
             return Err(TransportError::Protocol(format!(
@@ -263,7 +274,7 @@ const _: () = assert!(size_of::<EngineControl>() <= PAGE);
 impl EnginePage {
     /// Server side: grows engine.lock to a page (never shrinks it), maps it and resets the doorbell.
     pub fn create(file: &File) -> io::Result<Self> {
-        let (size, _) = sys::fstat_size_inode(file)?;
+        let size = sys::fstat(file)?.size;
         if size < PAGE as u64 {
             file.set_len(PAGE as u64)?;
         }
@@ -275,7 +286,7 @@ impl EnginePage {
 
     /// Client side: maps an existing engine.lock, refusing one that is not a full page yet.
     pub fn open(file: &File) -> io::Result<Option<Self>> {
-        let (size, _) = sys::fstat_size_inode(file)?;
+        let size = sys::fstat(file)?.size;
         if size < PAGE as u64 {
             return Ok(None);
         }

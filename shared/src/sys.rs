@@ -114,8 +114,18 @@ pub fn size_and_reserve(fd: &OwnedFd, len: usize) -> io::Result<()> {
     Ok(())
 }
 
-/// (size, inode) of an open file.
-pub fn fstat_size_inode(fd: &impl AsRawFd) -> io::Result<(u64, u64)> {
+/// What `fstat` says about an open file that the transport cares about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileFacts {
+    pub size: u64,
+    pub inode: u64,
+    pub uid: u32,
+    /// Permission bits (`st_mode & 0o7777`).
+    pub mode: u32,
+}
+
+/// Size, inode, owner and permission bits of an open file.
+pub fn fstat(fd: &impl AsRawFd) -> io::Result<FileFacts> {
     let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
     // SAFETY: st is a valid out-pointer.
     if unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) } < 0 {
@@ -123,7 +133,12 @@ pub fn fstat_size_inode(fd: &impl AsRawFd) -> io::Result<(u64, u64)> {
     }
     // SAFETY: fstat succeeded and filled st.
     let st = unsafe { st.assume_init() };
-    Ok((st.st_size as u64, st.st_ino))
+    Ok(FileFacts {
+        size: st.st_size as u64,
+        inode: st.st_ino,
+        uid: st.st_uid,
+        mode: st.st_mode & 0o7777,
+    })
 }
 
 /// A shared read-write memory mapping, unmapped on drop.
