@@ -169,7 +169,7 @@ impl ServerHandler for ScriptedHandler {
         match reason {
             DisconnectReason::ClientGone => peer.client_gone.fetch_add(1, Ordering::AcqRel),
             DisconnectReason::Goodbye(_) => peer.goodbyes.fetch_add(1, Ordering::AcqRel),
-            DisconnectReason::ProtocolViolation(_) => {
+            DisconnectReason::ProtocolViolation(_) | DisconnectReason::HandlerPanicked(_) => {
                 peer.violations.fetch_add(1, Ordering::AcqRel)
             }
             DisconnectReason::ServerShutdown => 0,

@@ -159,3 +159,55 @@ async fn garbage_only_closes_the_offender() {
     .await
     .unwrap();
 }
+
+/// An engine handler that panics on one message type (a bug reachable by one client's input).
+struct PanicsOnCancel;
+
+impl lapce_ai_transport::server::ServerHandler for PanicsOnCancel {
+    fn on_message(
+        &self,
+        _connection: &Arc<lapce_ai_transport::server::ServerConnection>,
+        message: &lapce_ai_transport::ReceivedMessage<'_>,
+    ) {
+        if message.message_type() == Some(MessageType::Cancel) {
+            panic!("handler bug triggered by a cancel");
+        }
+    }
+}
+
+#[test]
+fn a_panicking_handler_closes_only_the_connection_it_served() {
+    let ep = TestEndpoint::new("handlerpanic");
+    let server = Server::bind(
+        &ep.endpoint,
+        ServerOptions::default(),
+        Arc::new(PanicsOnCancel),
+    )
+    .unwrap();
+    let mut good = Client::connect(&ep.endpoint, ClientOptions::default()).unwrap();
+    let mut victim = Client::connect(&ep.endpoint, ClientOptions::default()).unwrap();
+    ping(&mut good, 1);
+    ping(&mut victim, 2);
+    victim
+        .send(3, &protocol::Cancel { request_id: 3 }, T)
+        .unwrap();
+    let goodbye = victim.recv(T).unwrap();
+    assert_eq!(goodbye.message_type(), Some(MessageType::Goodbye));
+    let goodbye: protocol::Goodbye = goodbye.decode_owned().unwrap();
+    assert!(
+        goodbye.reason.contains("handler bug triggered by a cancel"),
+        "{}",
+        goodbye.reason
+    );
+    expect_closed(&mut victim);
+    // The reactor survived: the other connection and new ones keep working.
+    for nonce in 10..20 {
+        ping(&mut good, nonce);
+    }
+    let mut later = Client::connect(&ep.endpoint, ClientOptions::default()).unwrap();
+    ping(&mut later, 30);
+    assert_eq!(server.connection_count(), 2);
+    drop((good, victim, later));
+    server.shutdown();
+    ep.assert_clean();
+}

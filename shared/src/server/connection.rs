@@ -28,6 +28,8 @@ pub enum DisconnectReason {
     ProtocolViolation(String),
     /// The engine is shutting down.
     ServerShutdown,
+    /// The engine's handler panicked while serving this connection; only this connection was closed.
+    HandlerPanicked(String),
 }
 
 /// The engine's handle on one client connection. Cheap to share (`Arc`); all methods are thread-safe.

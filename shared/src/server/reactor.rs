@@ -139,21 +139,21 @@ fn attach_slot(shared: &Shared, Attach { slot, segment }: Attach) -> Option<Slot
 
 fn close(shared: &Shared, slot: Slot, reason: DisconnectReason) {
     let connection = &slot.connection;
-    if matches!(
-        reason,
-        DisconnectReason::ServerShutdown | DisconnectReason::ProtocolViolation(_)
-    ) {
-        if let Ok(payload) = protocol::encode(&Goodbye {
-            reason: match &reason {
-                DisconnectReason::ProtocolViolation(why) => format!("protocol violation: {why}"),
-                _ => "engine shutting down".into(),
-            },
-        }) {
-            let _ = connection.try_send_raw(MessageType::Goodbye.code(), 0, &payload);
-        }
+    let goodbye = match &reason {
+        DisconnectReason::ProtocolViolation(why) => Some(format!("protocol violation: {why}")),
+        DisconnectReason::HandlerPanicked(why) => Some(format!(
+            "internal engine error while serving this connection: {why}"
+        )),
+        DisconnectReason::ServerShutdown => Some("engine shutting down".into()),
+        DisconnectReason::Goodbye(_) | DisconnectReason::ClientGone => None,
+    };
+    if let Some(Ok(payload)) = goodbye.map(|reason| protocol::encode(&Goodbye { reason })) {
+        let _ = connection.try_send_raw(MessageType::Goodbye.code(), 0, &payload);
     }
     if let DisconnectReason::ProtocolViolation(why) = &reason {
         tracing::warn!(slot = connection.slot, pid = connection.client_pid, reason = %why, "closing connection");
+    } else if let DisconnectReason::HandlerPanicked(why) = &reason {
+        tracing::error!(slot = connection.slot, pid = connection.client_pid, panic = %why, "handler panicked; closing only this connection");
     } else {
         tracing::debug!(slot = connection.slot, ?reason, "connection closed");
     }
@@ -162,7 +162,11 @@ fn close(shared: &Shared, slot: Slot, reason: DisconnectReason) {
     connection.mark_closed();
     if slot.handshaken {
         shared.connections.fetch_sub(1, Ordering::AcqRel);
-        shared.handler.on_disconnect(connection, &reason);
+        if let Err(DisconnectReason::HandlerPanicked(why)) =
+            isolate_panic(|| shared.handler.on_disconnect(connection, &reason))
+        {
+            tracing::error!(slot = connection.slot, panic = %why, "the handler panicked in on_disconnect");
+        }
     }
 }
 
@@ -291,8 +295,7 @@ fn dispatch(shared: &Shared, slot: &mut Slot) -> Result<(), DisconnectReason> {
         handshake(shared, connection, deferred, hello)?;
         *handshaken = true;
         shared.connections.fetch_add(1, Ordering::AcqRel);
-        shared.handler.on_connect(connection);
-        return Ok(());
+        return isolate_panic(|| shared.handler.on_connect(connection));
     }
     match message_type {
         MessageType::Hello => Err(violation("second hello".into())),
@@ -335,11 +338,20 @@ fn dispatch(shared: &Shared, slot: &mut Slot) -> Result<(), DisconnectReason> {
                 .unwrap_or_default();
             Err(DisconnectReason::Goodbye(reason))
         }
-        _ => {
-            shared.handler.on_message(connection, &message);
-            Ok(())
-        }
+        _ => isolate_panic(|| shared.handler.on_message(connection, &message)),
     }
+}
+
+/// Runs a handler callback; a panic in it closes only the connection it was serving, never the reactor.
+fn isolate_panic(callback: impl FnOnce()) -> Result<(), DisconnectReason> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(callback)).map_err(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a non-string panic payload".into());
+        DisconnectReason::HandlerPanicked(what)
+    })
 }
 
 fn handshake(
