@@ -187,6 +187,9 @@ pub enum Received {
     Rejected { message_id: u64, error: FrameError },
 }
 
+/// How many fragmented messages one peer may have started and not finished.
+pub const MAX_PARTIAL_MESSAGES: usize = 8;
+
 struct Partial {
     message_type: u16,
     bytes: AlignedVec,
@@ -221,6 +224,19 @@ impl FrameReceiver {
 
     pub fn consumer(&self) -> &RingConsumer {
         &self.consumer
+    }
+
+    /// All unfinished fragmented messages together may hold at most one maximum-size message's bytes, so a
+    /// peer that starts many and never finishes them cannot exhaust memory.
+    fn check_partial_bytes(&self) -> Result<(), TransportError> {
+        let held: u64 = self.partials.values().map(|p| p.bytes.len() as u64).sum();
+        if held > u64::from(self.max_message) {
+            return Err(TransportError::Protocol(format!(
+                "unfinished fragmented messages hold {held} bytes (limit {})",
+                self.max_message
+            )));
+        }
+        Ok(())
     }
 
     pub fn has_data(&self) -> bool {
@@ -268,35 +284,31 @@ impl FrameReceiver {
             let continuation = header.flags & FLAG_CONTINUATION != 0;
             match (continuation, more) {
                 (false, false) => {
-                    if self.partials.contains_key(&header.message_id) {
-                        return Err(TransportError::Protocol(format!(
-                            "message {} restarted before its fragments completed",
-                            header.message_id
-                        )));
-                    }
+                    // A sender whose fragmented send was abandoned (cancelled) may reuse the id: the stale
+                    // fragments are dropped, the new message stands on its own.
+                    self.partials.remove(&header.message_id);
                     self.header = header;
                     self.current_is_assembled = false;
                     return Ok(Received::Message);
                 }
                 (false, true) => {
-                    let mut bytes = AlignedVec::new();
-                    bytes.extend_from_slice(&self.frame_payload);
-                    if self
-                        .partials
-                        .insert(
-                            header.message_id,
-                            Partial {
-                                message_type: header.message_type,
-                                bytes,
-                            },
-                        )
-                        .is_some()
-                    {
+                    // A restart of the same id replaces its abandoned fragments (see above).
+                    self.partials.remove(&header.message_id);
+                    if self.partials.len() >= MAX_PARTIAL_MESSAGES {
                         return Err(TransportError::Protocol(format!(
-                            "message {} started twice",
-                            header.message_id
+                            "more than {MAX_PARTIAL_MESSAGES} fragmented messages outstanding"
                         )));
                     }
+                    let mut bytes = AlignedVec::new();
+                    bytes.extend_from_slice(&self.frame_payload);
+                    self.partials.insert(
+                        header.message_id,
+                        Partial {
+                            message_type: header.message_type,
+                            bytes,
+                        },
+                    );
+                    self.check_partial_bytes()?;
                 }
                 (true, _) => {
                     let Some(partial) = self.partials.get_mut(&header.message_id) else {
@@ -323,6 +335,7 @@ impl FrameReceiver {
                         });
                     }
                     partial.bytes.extend_from_slice(&self.frame_payload);
+                    self.check_partial_bytes()?;
                     if !more {
                         let Some(done) = self.partials.remove(&header.message_id) else {
                             continue;

@@ -17,7 +17,11 @@ use support::TestEndpoint;
 const T: Duration = Duration::from_secs(5);
 
 fn frame(message_type: u16, version: u8, id: u64, payload: &[u8]) -> Vec<u8> {
-    let mut header = FrameHeader::new(message_type, 0, payload.len() as u32, id);
+    fragment(message_type, version, 0, id, payload)
+}
+
+fn fragment(message_type: u16, version: u8, flags: u8, id: u64, payload: &[u8]) -> Vec<u8> {
+    let mut header = FrameHeader::new(message_type, flags, payload.len() as u32, id);
     header.version = version;
     let mut head = [0u8; FRAME_HEADER_LEN];
     header.encode_into(payload, &mut head);
@@ -210,4 +214,99 @@ fn a_panicking_handler_closes_only_the_connection_it_served() {
     drop((good, victim, later));
     server.shutdown();
     ep.assert_clean();
+}
+
+/// Fragmented messages a peer starts and never finishes are bounded (count and bytes); an abandoned one whose
+/// id is reused does not poison the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfinished_fragments_are_bounded_and_an_abandoned_one_does_not_poison_its_id() {
+    use lapce_ai_transport::framing::MAX_PARTIAL_MESSAGES;
+    use lapce_ai_transport::protocol::frame::{FLAG_CONTINUATION, FLAG_MORE_FRAGMENTS};
+    const MAX_MESSAGE: u32 = 32 * 1024;
+    let ep = TestEndpoint::new("partials");
+    let peer = ScriptedPeer::new(tokio::runtime::Handle::current());
+    let server = Server::bind(
+        &ep.endpoint,
+        ServerOptions {
+            max_message_bytes: MAX_MESSAGE,
+            ..ServerOptions::default()
+        },
+        Arc::new(ScriptedHandler(Arc::clone(&peer))),
+    )
+    .unwrap();
+    tokio::task::spawn_blocking(move || {
+        let mut good = Client::connect(&ep.endpoint, ClientOptions::default()).unwrap();
+        let ping_payload = protocol::encode(&Ping {
+            nonce: 77,
+            payload: vec![1; 8],
+        })
+        .unwrap();
+        let ping_type = MessageType::Ping.code();
+
+        // Abandoned: the first half of message 5 never gets its continuation; id 5 is then reused whole.
+        let mut reuser = Client::connect(&ep.endpoint, ClientOptions::default()).unwrap();
+        reuser.hostile_write_record(&fragment(
+            ping_type,
+            1,
+            FLAG_MORE_FRAGMENTS,
+            5,
+            &ping_payload[..8],
+        ));
+        reuser.hostile_write_record(&frame(ping_type, 1, 5, &ping_payload));
+        let pong: Pong = reuser.recv(T).unwrap().decode_owned().unwrap();
+        assert_eq!(pong.nonce, 77);
+        // ... and a fragmented message still reassembles after that.
+        reuser.hostile_write_record(&fragment(
+            ping_type,
+            1,
+            FLAG_MORE_FRAGMENTS,
+            6,
+            &ping_payload[..8],
+        ));
+        reuser.hostile_write_record(&fragment(
+            ping_type,
+            1,
+            FLAG_CONTINUATION,
+            6,
+            &ping_payload[8..],
+        ));
+        let pong: Pong = reuser.recv(T).unwrap().decode_owned().unwrap();
+        assert_eq!(pong.nonce, 77);
+        ping(&mut good, 1);
+
+        // Too many outstanding: the connection is closed, the good one stays.
+        let mut hoarder = Client::connect(&ep.endpoint, ClientOptions::default()).unwrap();
+        for id in 0..=MAX_PARTIAL_MESSAGES as u64 {
+            hoarder.hostile_write_record(&fragment(
+                ping_type,
+                1,
+                FLAG_MORE_FRAGMENTS,
+                100 + id,
+                &[0; 64],
+            ));
+        }
+        expect_closed(&mut hoarder);
+        ping(&mut good, 2);
+
+        // Too many bytes held across unfinished messages (each one under the limit): closed as well.
+        let mut grower = Client::connect(&ep.endpoint, ClientOptions::default()).unwrap();
+        let chunk = vec![0u8; (MAX_MESSAGE / 3 + 1024) as usize];
+        for id in 0..3 {
+            grower.hostile_write_record(&fragment(
+                ping_type,
+                1,
+                FLAG_MORE_FRAGMENTS,
+                300 + id,
+                &chunk,
+            ));
+        }
+        expect_closed(&mut grower);
+        ping(&mut good, 3);
+        drop((good, reuser, hoarder, grower));
+    })
+    .await
+    .unwrap();
+    tokio::task::spawn_blocking(move || server.shutdown())
+        .await
+        .unwrap();
 }
