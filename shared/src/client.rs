@@ -56,6 +56,8 @@ pub(crate) struct EngineLink {
     pub(crate) endpoint: Endpoint,
     lock_file: File,
     page: EnginePage,
+    /// The engine we connected to; a restarted engine publishes another number in the same page.
+    incarnation: u64,
 }
 
 impl EngineLink {
@@ -81,16 +83,23 @@ impl EngineLink {
         let page = EnginePage::open(&lock_file)
             .map_err(|e| TransportError::io("mapping the engine page", e))?
             .ok_or_else(no_server)?;
+        let incarnation = page.incarnation();
+        if incarnation == 0 {
+            // Locked, but still starting up.
+            return Err(no_server());
+        }
         Ok(Self {
             endpoint: endpoint.clone(),
             lock_file,
             page,
+            incarnation,
         })
     }
 
-    /// True while the engine holds its lock.
+    /// True while the engine we connected to holds its lock (not a restarted one on the same file).
     pub(crate) fn alive(&self) -> bool {
-        lockfile::is_locked_by_other(&self.lock_file).unwrap_or(false)
+        self.page.incarnation() == self.incarnation
+            && lockfile::is_locked_by_other(&self.lock_file).unwrap_or(false)
     }
 
     pub(crate) fn ring(&self) {

@@ -3,7 +3,7 @@
 use std::fs::File;
 use std::io;
 use std::mem::size_of;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use crate::doorbell::Doorbell;
 use crate::error::TransportError;
@@ -267,6 +267,9 @@ const ENGINE_PID_BYTES: usize = 32;
 struct EngineControl {
     pid_text: CacheLine<[u8; ENGINE_PID_BYTES]>,
     bell: Doorbell,
+    /// A random non-zero number each engine publishes when it is ready (0 while it starts). A restarted engine
+    /// may lock the same engine.lock inode; a client compares this number with the one it connected to.
+    incarnation: CacheLine<AtomicU64>,
 }
 
 const _: () = assert!(size_of::<EngineControl>() <= PAGE);
@@ -281,7 +284,23 @@ impl EnginePage {
         let mapping = Mapping::map_shared(file, PAGE)?;
         let page = Self { mapping };
         page.bell().armed.0.store(0, Ordering::SeqCst);
+        page.control().incarnation.0.store(0, Ordering::SeqCst);
         Ok(page)
+    }
+
+    /// Server side, once ready: publishes a fresh random incarnation number and returns it.
+    pub fn publish_incarnation(&self) -> u64 {
+        let incarnation = sys::random_u64().max(1);
+        self.control()
+            .incarnation
+            .0
+            .store(incarnation, Ordering::Release);
+        incarnation
+    }
+
+    /// The incarnation of the engine that owns this page (0 while it starts).
+    pub fn incarnation(&self) -> u64 {
+        self.control().incarnation.0.load(Ordering::Acquire)
     }
 
     /// Client side: maps an existing engine.lock, refusing one that is not a full page yet.

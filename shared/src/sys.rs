@@ -191,3 +191,17 @@ impl Drop for Mapping {
 pub fn available_cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
+
+/// 64 random bits from the kernel (getrandom); falls back to time and pid if that fails.
+pub fn random_u64() -> u64 {
+    let mut value = 0u64;
+    // SAFETY: writes at most 8 bytes into `value`.
+    let n = unsafe { libc::getrandom((&mut value as *mut u64).cast(), 8, 0) };
+    if n == 8 {
+        return value;
+    }
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    nanos ^ (u64::from(std::process::id()) << 32)
+}

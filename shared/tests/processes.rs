@@ -160,6 +160,63 @@ async fn every_death_is_noticed_when_many_clients_are_killed_at_once() {
     ep.assert_clean();
 }
 
+/// An engine killed and restarted between two liveness checks locks the same engine.lock inode; a client of the
+/// dead one must still learn that its engine is gone (incarnation number), not wait on a connection nobody serves.
+#[test]
+fn a_client_of_a_killed_engine_is_not_fooled_by_its_restart() {
+    let ep = TestEndpoint::new("restartfool");
+    let mut first = Peer::server(&ep);
+    let mut client = Client::connect(&ep.endpoint, ClientOptions::default()).unwrap();
+    client
+        .send(
+            1,
+            &Ping {
+                nonce: 1,
+                payload: vec![],
+            },
+            T,
+        )
+        .unwrap();
+    let _: Pong = client.recv(T).unwrap().decode_owned().unwrap();
+    first.kill9();
+    let second = Peer::server(&ep);
+    // The old connection's engine is gone even though engine.lock is held again.
+    let asked = Instant::now();
+    let _ = client.send(
+        2,
+        &Ping {
+            nonce: 2,
+            payload: vec![],
+        },
+        T,
+    );
+    let err = client.recv(T).err().expect("the dead engine cannot answer");
+    assert!(matches!(err, TransportError::ServerGone(_)), "{err}");
+    assert!(
+        asked.elapsed() < DETECT,
+        "noticed after {:?}",
+        asked.elapsed()
+    );
+    drop(client);
+    // A fresh client reaches the new engine.
+    let mut fresh = Client::connect(&ep.endpoint, ClientOptions::default()).unwrap();
+    fresh
+        .send(
+            3,
+            &Ping {
+                nonce: 3,
+                payload: vec![],
+            },
+            T,
+        )
+        .unwrap();
+    let pong: Pong = fresh.recv(T).unwrap().decode_owned().unwrap();
+    assert_eq!(pong.nonce, 3);
+    drop(fresh);
+    assert!(second.stop_gracefully().success());
+    ep.assert_clean();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_of_the_engine_fails_pending_requests_and_reconnect_follows_a_restart() {
     let ep = TestEndpoint::new("killserver");

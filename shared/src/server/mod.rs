@@ -159,6 +159,7 @@ impl Server {
                 .spawn(move || acceptor::run(&shared, inotify, &wake))
                 .map_err(|e| TransportError::io("spawning the acceptor thread", e))?
         };
+        shared.page.publish_incarnation();
         // Publishing the pid is the readiness signal clients wait for.
         segment::write_engine_pid(engine_lock.file())
             .map_err(|e| TransportError::io("writing engine.lock", e))?;
