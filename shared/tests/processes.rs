@@ -190,7 +190,9 @@ fn a_client_of_a_killed_engine_is_not_fooled_by_its_restart() {
         },
         T,
     );
-    let err = client.recv(T).err().expect("the dead engine cannot answer");
+    let Err(err) = client.recv(T) else {
+        panic!("the dead engine cannot answer");
+    };
     assert!(matches!(err, TransportError::ServerGone(_)), "{err}");
     assert!(
         asked.elapsed() < DETECT,
