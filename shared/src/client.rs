@@ -323,15 +323,7 @@ fn claim_slot(endpoint: &Endpoint) -> Result<(u32, HeldLock), TransportError> {
 }
 
 fn random_generation() -> u64 {
-    let mut bytes = [0u8; 8];
-    if getrandom::fill(&mut bytes).is_err() {
-        // Fall back to time + pid: generations only need to differ between incarnations of one slot.
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
-        return nanos ^ (u64::from(std::process::id()) << 32);
-    }
-    u64::from_le_bytes(bytes) | 1
+    crate::sys::random_u64() | 1
 }
 
 /// A blocking connection to the engine. One thread uses it at a time; see `AsyncClient` for concurrency.

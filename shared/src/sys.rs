@@ -192,16 +192,14 @@ pub fn available_cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-/// 64 random bits from the kernel (getrandom); falls back to time and pid if that fails.
+/// 64 random bits (getrandom); falls back to time and pid, which only has to differ between incarnations.
 pub fn random_u64() -> u64 {
-    let mut value = 0u64;
-    // SAFETY: writes at most 8 bytes into `value`.
-    let n = unsafe { libc::getrandom((&mut value as *mut u64).cast(), 8, 0) };
-    if n == 8 {
-        return value;
+    let mut bytes = [0u8; 8];
+    if getrandom::fill(&mut bytes).is_err() {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        return nanos ^ (u64::from(std::process::id()) << 32);
     }
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    nanos ^ (u64::from(std::process::id()) << 32)
+    u64::from_le_bytes(bytes)
 }

@@ -187,9 +187,7 @@ fn check_death(shared: &Shared, slot: u32) -> bool {
     let gone = match HeldLock::try_acquire_existing(&path) {
         Ok(Some(TryLock::Busy)) => false,
         Ok(Some(TryLock::Acquired(held))) => {
-            if let Some(generation) = lock(&shared.attached).get(&slot).copied() {
-                let _ = crate::sys::shm_unlink(&shared.endpoint.shm_name(slot, generation));
-            }
+            super::unlink_slot_segments(&shared.endpoint, slot);
             held.remove();
             true
         }

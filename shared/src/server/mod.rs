@@ -250,6 +250,26 @@ fn acquire_engine_lock(endpoint: &Endpoint) -> Result<HeldLock, TransportError> 
 
 /// Removes shared memory and slot files left by crashed clients. Only names whose slot lock is free are
 /// touched, and only while holding that lock, so a live client's segment is never removed.
+/// Removes every segment name of `slot` (the caller holds that slot's lock, so no client can be creating one).
+/// Covers a client that died after creating its segment but before announcing it.
+pub(crate) fn unlink_slot_segments(endpoint: &Endpoint, slot: u32) {
+    let prefix = endpoint.shm_prefix();
+    let Ok(entries) = std::fs::read_dir("/dev/shm") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if !name.starts_with(&prefix) {
+            continue;
+        }
+        if endpoint.parse_shm_name(name).map(|(s, _)| s) == Some(slot) {
+            let _ = crate::sys::shm_unlink(name);
+            tracing::debug!(name, "removed the shared memory of a dead client");
+        }
+    }
+}
+
 fn sweep_stale(endpoint: &Endpoint) {
     let prefix = endpoint.shm_prefix();
     if let Ok(entries) = std::fs::read_dir("/dev/shm") {
