@@ -137,31 +137,18 @@ impl ClientParts {
         endpoint.ensure_dirs()?;
         let engine = EngineLink::open(endpoint)?;
         let (slot, slot_lock) = claim_slot(endpoint)?;
-        let mut generation = random_generation();
-        let (segment, shm_name) = loop {
-            let name = endpoint.shm_name(slot, generation);
-            match SlotSegment::create(
-                &name,
-                options.client_to_server_ring_bytes,
-                options.server_to_client_ring_bytes,
-                generation,
-            ) {
-                Ok(seg) => break (seg, name),
-                Err(TransportError::Io { source, .. })
-                    if source.kind() == io::ErrorKind::AlreadyExists =>
-                {
-                    generation = random_generation();
-                }
-                Err(e) => {
-                    slot_lock.remove();
-                    return Err(e);
-                }
+        let segment = match SlotSegment::create(
+            options.client_to_server_ring_bytes,
+            options.server_to_client_ring_bytes,
+            random_generation(),
+        ) {
+            Ok(segment) => segment,
+            Err(e) => {
+                slot_lock.remove();
+                return Err(e);
             }
         };
-        // From here on the name must disappear whatever happens: the engine unlinks it once mapped, we unlink
-        // it after the handshake or on failure.
-        let result = Self::handshake(engine, segment, slot, &slot_lock, options, &shm_name);
-        let _ = crate::sys::shm_unlink(&shm_name);
+        let result = Self::handshake(engine, segment, slot, &slot_lock, options);
         match result {
             Ok(mut parts) => {
                 parts.slot_lock = Some(slot_lock);
@@ -180,7 +167,6 @@ impl ClientParts {
         slot: u32,
         slot_lock: &HeldLock,
         options: ClientOptions,
-        shm_name: &str,
     ) -> Result<Self, TransportError> {
         // SAFETY: called once; the ends live inside ClientParts next to the segment that backs them.
         let (producer, consumer) = unsafe { segment.client_ends()? };
@@ -201,17 +187,18 @@ impl ClientParts {
                 "hello does not fit the ring".into(),
             ));
         }
-        // Announce the generation: the engine's inotify watch sees this write and attaches.
-        let announcement = format!("{:016x}\n", segment.generation());
+        // Announce the segment: the engine's inotify watch sees this write, opens our memfd through /proc and
+        // attaches.
+        let memfd = segment
+            .memfd_number()
+            .ok_or_else(|| TransportError::Protocol("a client segment without its memfd".into()))?;
+        let announcement =
+            crate::segment::Announcement::new(segment.generation(), std::process::id(), memfd);
         slot_lock
             .file()
-            .write_all_at(announcement.as_bytes(), 0)
+            .write_all_at(&announcement.encode(), 0)
             .map_err(|e| TransportError::io("announcing the slot", e))?;
-        tracing::debug!(
-            slot,
-            shm = shm_name,
-            "slot announced, waiting for hello-ack"
-        );
+        tracing::debug!(slot, memfd, "slot announced, waiting for hello-ack");
 
         let deadline = Instant::now() + options.connect_timeout;
         let mut spin = SpinPolicy::new(options.max_spin);

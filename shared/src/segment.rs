@@ -1,8 +1,15 @@
 //! Shared-memory layouts: a client slot (control page + two rings) and the engine's doorbell page in engine.lock.
+//!
+//! A slot segment is a sealed memfd: the client creates it, sizes it, and seals its size (F_SEAL_SHRINK,
+//! F_SEAL_GROW, F_SEAL_SEAL), so no peer can ftruncate it under the engine's mapping (SIGBUS). The engine opens
+//! it through `/proc/<client pid>/fd/<n>`, as announced in the slot's lock file, and checks owner, mode, seals
+//! and size before mapping. It has no name: nothing can be left in /dev/shm, and no other user can pre-create it.
 
 use std::fs::File;
 use std::io;
 use std::mem::size_of;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use crate::doorbell::Doorbell;
@@ -43,6 +50,8 @@ const _: () = assert!(size_of::<SlotControl>() <= PAGE);
 /// One client's mapped slot segment.
 pub struct SlotSegment {
     mapping: Mapping,
+    /// Client side: the memfd, kept open for the connection's life so the engine can open it via /proc.
+    memfd: Option<OwnedFd>,
     c2s_bytes: usize,
     s2c_bytes: usize,
     generation: u64,
@@ -55,9 +64,8 @@ impl SlotSegment {
         unsafe { &*self.mapping.as_ptr().cast::<SlotControl>() }
     }
 
-    /// Creates a new segment exclusively under `name` (client side), sized, reserved and initialised.
+    /// Creates a new sealed segment (client side), sized, reserved and initialised.
     pub fn create(
-        name: &str,
         c2s_bytes: usize,
         s2c_bytes: usize,
         generation: u64,
@@ -69,27 +77,18 @@ impl SlotSegment {
                 ring::MAX_RING_BYTES
             )));
         }
-        let fd = sys::shm_create_exclusive(name)
-            .map_err(|e| TransportError::io(format!("creating shared memory {name}"), e))?;
+        let fd = sys::memfd_create_sealable("lapce-ai-slot")
+            .map_err(|e| TransportError::io("creating a memfd for the slot", e))?;
         let total = PAGE + c2s_bytes + s2c_bytes;
-        let mapped = sys::size_and_reserve(&fd, total)
-            .map_err(|e| {
-                TransportError::io(
-                    format!("reserving {total} bytes of shared memory (is /dev/shm full?)"),
-                    e,
-                )
-            })
-            .and_then(|()| {
-                Mapping::map_shared(&fd, total)
-                    .map_err(|e| TransportError::io("mapping shared memory", e))
-            });
-        let mapping = match mapped {
-            Ok(m) => m,
-            Err(e) => {
-                let _ = sys::shm_unlink(name);
-                return Err(e);
-            }
-        };
+        sys::size_and_reserve(&fd, total).map_err(|e| {
+            TransportError::io(
+                format!("reserving {total} bytes of shared memory (is memory full?)"),
+                e,
+            )
+        })?;
+        sys::seal_size(&fd).map_err(|e| TransportError::io("sealing the slot's size", e))?;
+        let mapping = Mapping::map_shared(&fd, total)
+            .map_err(|e| TransportError::io("mapping shared memory", e))?;
         let client_pid = std::process::id();
         let identity = SlotIdentity {
             magic: SLOT_MAGIC,
@@ -99,12 +98,13 @@ impl SlotSegment {
             client_pid,
             generation,
         };
-        // SAFETY: fresh zeroed mapping owned by us; nobody else knows the name's generation yet.
+        // SAFETY: fresh zeroed mapping owned by us; nobody else can open the memfd before it is announced.
         unsafe {
             std::ptr::write(mapping.as_ptr().cast::<SlotIdentity>(), identity);
         }
         Ok(Self {
             mapping,
+            memfd: Some(fd),
             c2s_bytes,
             s2c_bytes,
             generation,
@@ -112,20 +112,52 @@ impl SlotSegment {
         })
     }
 
-    /// Opens and validates an existing segment (server side). Never truncates or resizes it.
-    pub fn open(name: &str, expected_generation: u64) -> Result<Self, TransportError> {
-        let fd = sys::shm_open_existing(name)
-            .map_err(|e| TransportError::io(format!("opening shared memory {name}"), e))?;
+    /// Client side: the fd number to announce (the engine opens `/proc/<pid>/fd/<n>`).
+    pub fn memfd_number(&self) -> Option<i32> {
+        self.memfd.as_ref().map(|fd| fd.as_raw_fd())
+    }
+
+    /// Opens and validates the segment a client announced (server side): `/proc/<pid>/fd/<fd>`, which must be
+    /// this user's private, size-sealed memfd. Never truncates or resizes it.
+    pub fn open_announced(
+        pid: u32,
+        fd: i32,
+        expected_generation: u64,
+    ) -> Result<Self, TransportError> {
+        let path = format!("/proc/{pid}/fd/{fd}");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(&path)
+            .map_err(|e| TransportError::io(format!("opening the announced segment {path}"), e))?;
+        Self::open_file(&file, &path, expected_generation)
+    }
+
+    /// Validates and maps an open segment file (see [`SlotSegment::open_announced`]).
+    pub fn open_file(
+        file: &File,
+        name: &str,
+        expected_generation: u64,
+    ) -> Result<Self, TransportError> {
         let facts =
-            sys::fstat(&fd).map_err(|e| TransportError::io("inspecting shared memory", e))?;
-        // Names in /dev/shm are visible to every local user: a segment someone else created (or could
-        // write) must never be served, or another user would talk to this user's engine with its keys.
+            sys::fstat(file).map_err(|e| TransportError::io("inspecting shared memory", e))?;
+        // Only this user's private segments are served: another user must never get this user's engine (and
+        // its API keys) to talk to them.
         if facts.uid != sys::current_uid() || facts.mode & 0o077 != 0 {
             return Err(TransportError::UnsafeRendezvous(format!(
                 "shared memory {name} is owned by uid {} with mode {:o}; expected uid {} and mode 600",
                 facts.uid,
                 facts.mode,
                 sys::current_uid()
+            )));
+        }
+        // A segment whose size can still change could be truncated under our mapping (SIGBUS).
+        let seals =
+            sys::seals(file).map_err(|e| TransportError::io("reading the segment's seals", e))?;
+        if !sys::size_is_sealed(seals) {
+            return Err(TransportError::Protocol(format!(
+                "shared memory {name} is not sealed against resizing (seals {seals:#x})"
             )));
         }
         let size = facts.size;
@@ -135,7 +167,7 @@ impl SlotSegment {
                 "slot segment has impossible size {size}"
             )));
         }
-        let mapping = Mapping::map_shared(&fd, size as usize)
+        let mapping = Mapping::map_shared(file, size as usize)
             .map_err(|e| TransportError::io("mapping shared memory", e))?;
         // Copy the identity out once, then validate the copy.
         // SAFETY: mapping is >= one page.
@@ -155,6 +187,7 @@ impl SlotSegment {
         }
         let segment = Self {
             mapping,
+            memfd: None,
             c2s_bytes: c2s,
             s2c_bytes: s2c,
             generation: identity.generation,
@@ -256,6 +289,52 @@ impl SlotSegment {
     }
 }
 
+/// What a client writes at the start of its slot lock file: which segment to open. Fixed width, so the engine
+/// reads it in one call and a half-written one never parses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Announcement {
+    pub generation: u64,
+    pub pid: u32,
+    pub memfd: i32,
+}
+
+impl Announcement {
+    /// Encoded size: `gggggggggggggggg pppppppppp ffffffffff\n`.
+    pub const LEN: usize = 16 + 1 + 10 + 1 + 10 + 1;
+
+    pub fn new(generation: u64, pid: u32, memfd: i32) -> Self {
+        Self {
+            generation,
+            pid,
+            memfd,
+        }
+    }
+
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        let text = format!(
+            "{:016x} {:010} {:010}\n",
+            self.generation, self.pid, self.memfd
+        );
+        let mut out = [b' '; Self::LEN];
+        out.copy_from_slice(&text.as_bytes()[..Self::LEN]);
+        out
+    }
+
+    /// `None` for anything that is not a complete announcement.
+    pub fn parse(bytes: &[u8]) -> Option<Self> {
+        let text = std::str::from_utf8(bytes.get(..Self::LEN)?).ok()?;
+        let text = text.strip_suffix('\n')?;
+        let mut parts = text.split(' ');
+        let generation = u64::from_str_radix(parts.next()?, 16).ok()?;
+        let pid = parts.next()?.parse().ok()?;
+        let memfd = parts.next()?.parse().ok()?;
+        if parts.next().is_some() || memfd < 0 {
+            return None;
+        }
+        Some(Self::new(generation, pid, memfd))
+    }
+}
+
 /// The engine's page inside engine.lock: its pid (as text, for people and error messages) and its doorbell.
 pub struct EnginePage {
     mapping: Mapping,
@@ -353,38 +432,66 @@ pub fn read_engine_pid(file: &File) -> String {
 mod tests {
     use super::*;
 
-    struct Unlink(String);
-    impl Drop for Unlink {
-        fn drop(&mut self) {
-            let _ = sys::shm_unlink(&self.0);
-        }
+    fn reopen(segment: &SlotSegment, generation: u64) -> Result<SlotSegment, TransportError> {
+        let fd = segment.memfd_number().expect("client side has the memfd");
+        SlotSegment::open_announced(std::process::id(), fd, generation)
     }
 
     #[test]
     fn open_refuses_impossible_initial_ring_indices() {
-        let name = format!("lapce-ai-unit-segment-{}", std::process::id());
-        let _cleanup = Unlink(name.clone());
-        let segment = SlotSegment::create(&name, 4096, 4096, 7).unwrap();
+        let segment = SlotSegment::create(4096, 4096, 7).unwrap();
         let control = segment.control();
-        assert!(SlotSegment::open(&name, 7).is_ok());
-        assert!(SlotSegment::open(&name, 8).is_err(), "wrong generation");
+        assert!(reopen(&segment, 7).is_ok());
+        assert!(reopen(&segment, 8).is_err(), "wrong generation");
         // An unaligned engine-side tail would make the engine write past the mapping.
         control.server_to_client.tail.0.store(3, Ordering::Release);
-        assert!(SlotSegment::open(&name, 7).is_err());
+        assert!(reopen(&segment, 7).is_err());
         control.server_to_client.tail.0.store(0, Ordering::Release);
         control
             .client_to_server
             .tail
             .0
             .store(4096 + 8, Ordering::Release);
-        assert!(SlotSegment::open(&name, 7).is_err());
+        assert!(reopen(&segment, 7).is_err());
         control
             .client_to_server
             .tail
             .0
             .store(u64::MAX - 7, Ordering::Release);
-        assert!(SlotSegment::open(&name, 7).is_err());
+        assert!(reopen(&segment, 7).is_err());
         control.client_to_server.tail.0.store(64, Ordering::Release);
-        assert!(SlotSegment::open(&name, 7).is_ok());
+        assert!(reopen(&segment, 7).is_ok());
+    }
+
+    #[test]
+    fn a_sealed_segment_cannot_be_resized_by_its_creator() {
+        let segment = SlotSegment::create(4096, 4096, 9).unwrap();
+        let fd = segment.memfd.as_ref().expect("client side");
+        for len in [PAGE as libc::off_t, 64 * PAGE as libc::off_t, 0] {
+            // SAFETY: plain syscall on an fd we own.
+            let rc = unsafe { libc::ftruncate(fd.as_raw_fd(), len) };
+            assert_eq!(rc, -1, "ftruncate to {len} must fail on a sealed segment");
+            assert_eq!(io::Error::last_os_error().raw_os_error(), Some(libc::EPERM));
+        }
+        assert!(reopen(&segment, 9).is_ok());
+    }
+
+    #[test]
+    fn an_unsealed_or_shared_segment_is_refused() {
+        // Unsealed: a peer could shrink it under the engine's mapping.
+        let fd = sys::memfd_create_sealable("lapce-ai-test").unwrap();
+        sys::size_and_reserve(&fd, PAGE + 2 * 4096).unwrap();
+        let file = File::from(fd);
+        let err = SlotSegment::open_file(&file, "test", 1)
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("not sealed"), "{err}");
+        // Sealed but readable by others.
+        let segment = SlotSegment::create(4096, 4096, 3).unwrap();
+        let fd = segment.memfd.as_ref().expect("client side");
+        // SAFETY: plain syscall on an fd we own.
+        assert_eq!(unsafe { libc::fchmod(fd.as_raw_fd(), 0o644) }, 0);
+        let err = reopen(&segment, 3).err().expect("refused");
+        assert!(err.to_string().contains("mode 644"), "{err}");
     }
 }

@@ -1,4 +1,4 @@
-//! Thin safe wrappers over the Linux calls the transport needs: futex, POSIX shared memory, mmap.
+//! Thin safe wrappers over the Linux calls the transport needs: futex, sealed memfds, mmap.
 
 use std::ffi::CString;
 use std::io;
@@ -50,53 +50,6 @@ pub fn futex_wake_all(word: &AtomicU32) {
 pub fn current_uid() -> u32 {
     // SAFETY: getuid cannot fail.
     unsafe { libc::getuid() }
-}
-
-fn shm_cname(name: &str) -> io::Result<CString> {
-    CString::new(format!("/{name}")).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
-}
-
-/// Creates a new shared-memory object exclusively (fails if the name exists), mode 0600.
-pub fn shm_create_exclusive(name: &str) -> io::Result<OwnedFd> {
-    let cname = shm_cname(name)?;
-    // SAFETY: valid NUL-terminated name; the returned fd is owned below.
-    let fd = unsafe {
-        libc::shm_open(
-            cname.as_ptr(),
-            libc::O_CREAT | libc::O_EXCL | libc::O_RDWR | libc::O_CLOEXEC,
-            0o600,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd was just returned by shm_open and is owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// Opens an existing shared-memory object read-write (never creates or truncates it).
-pub fn shm_open_existing(name: &str) -> io::Result<OwnedFd> {
-    let cname = shm_cname(name)?;
-    // SAFETY: as above.
-    let fd = unsafe { libc::shm_open(cname.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: as above.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// Removes a shared-memory name; a missing name is not an error.
-pub fn shm_unlink(name: &str) -> io::Result<()> {
-    let cname = shm_cname(name)?;
-    // SAFETY: valid NUL-terminated name.
-    if unsafe { libc::shm_unlink(cname.as_ptr()) } < 0 {
-        let err = io::Error::last_os_error();
-        if err.kind() != io::ErrorKind::NotFound {
-            return Err(err);
-        }
-    }
-    Ok(())
 }
 
 /// Sets the size of a new segment and reserves its pages so a full /dev/shm fails here, not with SIGBUS later.
@@ -202,4 +155,54 @@ pub fn random_u64() -> u64 {
         return nanos ^ (u64::from(std::process::id()) << 32);
     }
     u64::from_le_bytes(bytes)
+}
+
+/// A new anonymous memory file that can be sealed, close-on-exec, mode 0600.
+pub fn memfd_create_sealable(name: &str) -> io::Result<OwnedFd> {
+    let cname = CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: valid NUL-terminated name; the returned fd is owned below.
+    let fd =
+        unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd was just returned by memfd_create and is owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: plain syscall on an owned fd.
+    if unsafe { libc::fchmod(fd.as_raw_fd(), 0o600) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+/// The seals that fix a segment's size for good.
+const SIZE_SEALS: libc::c_int = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+
+/// Seals a memfd against shrinking and growing, and against further seal changes.
+pub fn seal_size(fd: &OwnedFd) -> io::Result<()> {
+    // SAFETY: plain fcntl on an owned fd.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, SIZE_SEALS) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The seals of an open file (0 for files that cannot be sealed).
+pub fn seals(fd: &impl AsRawFd) -> io::Result<libc::c_int> {
+    // SAFETY: plain fcntl on a valid fd.
+    let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
+    if seals < 0 {
+        let err = io::Error::last_os_error();
+        return if err.raw_os_error() == Some(libc::EINVAL) {
+            Ok(0)
+        } else {
+            Err(err)
+        };
+    }
+    Ok(seals)
+}
+
+/// True when `seals` fix the size for good.
+pub fn size_is_sealed(seals: libc::c_int) -> bool {
+    seals & SIZE_SEALS == SIZE_SEALS
 }

@@ -60,40 +60,46 @@ fn symlinked_dir_is_refused() {
     assert_refused(&ep, "not a directory");
 }
 
-/// A segment in /dev/shm that another user owns, or that others may write, is never mapped: names there are
-/// visible to every local user, who could otherwise pre-create one and get this user's engine to serve them.
+/// A segment that another user owns, or that others may read or write, is never mapped: a segment is opened
+/// through `/proc/<pid>/fd/<n>` as a client announced it, and only this user's private, sealed memfd is served.
 #[test]
-fn a_segment_owned_by_another_user_or_writable_by_others_is_refused() {
+fn a_segment_owned_by_another_user_or_open_to_others_is_refused() {
     use lapce_ai_transport::segment::SlotSegment;
-    let ep = TestEndpoint::new("shmowner");
+    use std::os::fd::AsRawFd;
     let generation = 0x5eed_u64;
-    let name = ep.endpoint.shm_name(7, generation);
-    let shm_path = std::path::Path::new("/dev/shm").join(&name);
-    let created = SlotSegment::create(&name, 4096, 4096, generation).unwrap();
+    let created = SlotSegment::create(4096, 4096, generation).unwrap();
+    let fd = created.memfd_number().unwrap();
+    let pid = std::process::id();
 
     // Ours and private: accepted.
-    SlotSegment::open(&name, generation).expect("our own private segment opens");
+    SlotSegment::open_announced(pid, fd, generation).expect("our own private segment opens");
 
-    // Writable by others: refused, naming the mode.
-    std::fs::set_permissions(&shm_path, std::fs::Permissions::from_mode(0o666)).unwrap();
-    let err = SlotSegment::open(&name, generation)
+    // Open to others: refused, naming the mode.
+    let file = std::fs::File::open(format!("/proc/self/fd/{fd}")).unwrap();
+    // SAFETY: plain syscall on a valid fd.
+    assert_eq!(unsafe { libc::fchmod(file.as_raw_fd(), 0o666) }, 0);
+    let err = SlotSegment::open_announced(pid, fd, generation)
         .err()
         .expect("a world-writable segment must be refused");
     assert!(matches!(err, TransportError::UnsafeRendezvous(_)), "{err}");
     assert!(err.to_string().contains("mode 666"), "{err}");
-    std::fs::set_permissions(&shm_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::fchmod(file.as_raw_fd(), 0o600) }, 0);
 
     // Owned by another user (nobody): refused, naming the owner. Needs CAP_CHOWN (the tests run as root).
     if sys_is_root() {
-        std::os::unix::fs::chown(&shm_path, Some(65534), Some(65534)).unwrap();
-        let err = SlotSegment::open(&name, generation)
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::fchown(file.as_raw_fd(), 65534, 65534) }, 0);
+        let err = SlotSegment::open_announced(pid, fd, generation)
             .err()
             .expect("a segment owned by another user must be refused");
         assert!(err.to_string().contains("owned by uid 65534"), "{err}");
     }
-    drop(created);
-    let _ = std::fs::remove_file(&shm_path);
-    ep.assert_clean();
+    // A process of another user cannot even be opened: /proc refuses, and the error says which file.
+    let err = SlotSegment::open_announced(1, 0, generation)
+        .err()
+        .expect("pid 1's fd 0 is not a segment");
+    assert!(err.to_string().contains("/proc/1/fd/0"), "{err}");
 }
 
 fn sys_is_root() -> bool {

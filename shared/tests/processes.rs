@@ -219,41 +219,6 @@ fn a_client_of_a_killed_engine_is_not_fooled_by_its_restart() {
     ep.assert_clean();
 }
 
-/// A client that dies after creating its segment but before announcing it leaves no name in /dev/shm: the
-/// engine sweeps that slot's names when it sees the slot's lock released.
-#[test]
-fn a_client_dead_before_announcing_leaves_no_shared_memory() {
-    use lapce_ai_transport::lockfile::{HeldLock, TryLock};
-    use lapce_ai_transport::segment::SlotSegment;
-    let ep = TestEndpoint::new("orphan");
-    let server = Server::bind(
-        &ep.endpoint,
-        ServerOptions::default(),
-        Arc::new(support::NoApp),
-    )
-    .unwrap();
-    let slot = 9;
-    let TryLock::Acquired(held) = HeldLock::try_acquire(&ep.endpoint.slot_lock_path(slot)).unwrap()
-    else {
-        panic!("slot {slot} is free");
-    };
-    let name = ep.endpoint.shm_name(slot, 0xdead_beef);
-    let segment = SlotSegment::create(&name, 4096, 4096, 0xdead_beef).unwrap();
-    drop(segment);
-    assert!(std::path::Path::new("/dev/shm").join(&name).exists());
-    let died = Instant::now();
-    drop(held); // the "client" dies: its lock file is closed, the kernel releases the lock
-    while std::path::Path::new("/dev/shm").join(&name).exists() {
-        assert!(
-            died.elapsed() < DETECT,
-            "orphaned segment {name} not removed"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    server.shutdown();
-    ep.assert_clean();
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_of_the_engine_fails_pending_requests_and_reconnect_follows_a_restart() {
     let ep = TestEndpoint::new("killserver");

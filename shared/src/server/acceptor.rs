@@ -11,7 +11,7 @@ use super::{Attach, InboxEvent, Shared};
 use crate::endpoint::Endpoint;
 use crate::error::TransportError;
 use crate::lockfile::{HeldLock, TryLock};
-use crate::segment::SlotSegment;
+use crate::segment::{Announcement, SlotSegment};
 
 /// Starts watching before anything is scanned, so no announcement can slip between scan and watch.
 pub(super) fn watch_slots(endpoint: &Endpoint) -> Result<Inotify, TransportError> {
@@ -135,16 +135,14 @@ fn check_announcement(shared: &Shared, slot: u32) {
     let Ok(file) = std::fs::File::open(&path) else {
         return;
     };
-    let mut text = [0u8; 17];
-    let Ok(17) = file.read_at(&mut text, 0) else {
+    let mut text = [0u8; Announcement::LEN];
+    if !matches!(file.read_at(&mut text, 0), Ok(Announcement::LEN)) {
+        return;
+    }
+    let Some(announcement) = Announcement::parse(&text) else {
         return;
     };
-    let Some(generation) = std::str::from_utf8(&text[..16])
-        .ok()
-        .and_then(|t| u64::from_str_radix(t, 16).ok())
-    else {
-        return;
-    };
+    let generation = announcement.generation;
     let previous = lock(&shared.attached).get(&slot).copied();
     if previous == Some(generation) {
         return;
@@ -158,11 +156,8 @@ fn check_announcement(shared: &Shared, slot: u32) {
             })
         });
     }
-    let name = shared.endpoint.shm_name(slot, generation);
-    match SlotSegment::open(&name, generation) {
+    match SlotSegment::open_announced(announcement.pid, announcement.memfd, generation) {
         Ok(segment) => {
-            // Both sides have it mapped now: remove the name so a crash leaves nothing in /dev/shm.
-            let _ = crate::sys::shm_unlink(&name);
             lock(&shared.attached).insert(slot, generation);
             shared.post(|inbox| {
                 inbox
@@ -170,11 +165,11 @@ fn check_announcement(shared: &Shared, slot: u32) {
                     .push(InboxEvent::Attach(Attach { slot, segment }))
             });
         }
+        // The client died before we looked: its death is handled by check_death.
         Err(TransportError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
         }
         Err(e) => {
-            tracing::warn!(slot, error = %e, "refusing a malformed slot segment");
-            let _ = crate::sys::shm_unlink(&name);
+            tracing::warn!(slot, error = %e, "refusing a slot segment");
             lock(&shared.attached).insert(slot, generation);
         }
     }
@@ -187,7 +182,6 @@ fn check_death(shared: &Shared, slot: u32) -> bool {
     let gone = match HeldLock::try_acquire_existing(&path) {
         Ok(Some(TryLock::Busy)) => false,
         Ok(Some(TryLock::Acquired(held))) => {
-            super::unlink_slot_segments(&shared.endpoint, slot);
             held.remove();
             true
         }

@@ -248,54 +248,8 @@ fn acquire_engine_lock(endpoint: &Endpoint) -> Result<HeldLock, TransportError> 
     })
 }
 
-/// Removes shared memory and slot files left by crashed clients. Only names whose slot lock is free are
-/// touched, and only while holding that lock, so a live client's segment is never removed.
-/// Removes every segment name of `slot` (the caller holds that slot's lock, so no client can be creating one).
-/// Covers a client that died after creating its segment but before announcing it.
-pub(crate) fn unlink_slot_segments(endpoint: &Endpoint, slot: u32) {
-    let prefix = endpoint.shm_prefix();
-    let Ok(entries) = std::fs::read_dir("/dev/shm") else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(name) = name.to_str() else { continue };
-        if !name.starts_with(&prefix) {
-            continue;
-        }
-        if endpoint.parse_shm_name(name).map(|(s, _)| s) == Some(slot) {
-            let _ = crate::sys::shm_unlink(name);
-            tracing::debug!(name, "removed the shared memory of a dead client");
-        }
-    }
-}
-
+/// Removes slot lock files nobody holds (left by clients that crashed while no engine ran).
 fn sweep_stale(endpoint: &Endpoint) {
-    let prefix = endpoint.shm_prefix();
-    if let Ok(entries) = std::fs::read_dir("/dev/shm") {
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            let Some(name) = name.to_str() else { continue };
-            if !name.starts_with(&prefix) {
-                continue;
-            }
-            let Some((slot, _)) = endpoint.parse_shm_name(name) else {
-                continue;
-            };
-            match HeldLock::try_acquire_existing(&endpoint.slot_lock_path(slot)) {
-                Ok(Some(TryLock::Acquired(lock))) => {
-                    let _ = crate::sys::shm_unlink(name);
-                    lock.remove();
-                    tracing::info!(name, "removed stale shared memory");
-                }
-                Ok(None) => {
-                    let _ = crate::sys::shm_unlink(name);
-                    tracing::info!(name, "removed stale shared memory");
-                }
-                Ok(Some(TryLock::Busy)) | Err(_) => {}
-            }
-        }
-    }
     if let Ok(entries) = std::fs::read_dir(endpoint.slots_dir()) {
         for entry in entries.flatten() {
             if let Ok(Some(TryLock::Acquired(lock))) = HeldLock::try_acquire_existing(&entry.path())
