@@ -15,6 +15,8 @@ use lapce_ai_transport::{Client, ClientOptions, Server, ServerOptions, Transport
 use support::TestEndpoint;
 
 const T: Duration = Duration::from_secs(5);
+/// The protocol version a well-formed frame carries.
+const V: u8 = protocol::PROTOCOL_VERSION;
 
 fn frame(message_type: u16, version: u8, id: u64, payload: &[u8]) -> Vec<u8> {
     fragment(message_type, version, 0, id, payload)
@@ -82,15 +84,15 @@ async fn garbage_only_closes_the_offender() {
 
         // Recoverable: unknown type, unknown version, undecodable payloads -> error frames, connection stays.
         let mut bad = Client::connect(&ep.endpoint, ClientOptions::default()).unwrap();
-        bad.hostile_write_record(&frame(999, 1, 41, b"hello"));
+        bad.hostile_write_record(&frame(999, V, 41, b"hello"));
         expect_error(&mut bad, 41, ErrorCode::UnknownMessageType);
         bad.hostile_write_record(&frame(MessageType::Ping.code(), 9, 42, b""));
         expect_error(&mut bad, 42, ErrorCode::VersionMismatch);
-        bad.hostile_write_record(&frame(MessageType::Ping.code(), 1, 43, &[0xff; 13]));
+        bad.hostile_write_record(&frame(MessageType::Ping.code(), V, 43, &[0xff; 13]));
         expect_error(&mut bad, 43, ErrorCode::InvalidPayload);
         bad.hostile_write_record(&frame(
             MessageType::CompletionRequest.code(),
-            1,
+            V,
             44,
             &[0xee; 64],
         ));
@@ -101,7 +103,7 @@ async fn garbage_only_closes_the_offender() {
         // Fatal: bad magic.
         let mut garbage = frame(
             MessageType::Ping.code(),
-            1,
+            V,
             50,
             &protocol::encode(&Ping {
                 nonce: 1,
@@ -118,7 +120,7 @@ async fn garbage_only_closes_the_offender() {
         let mut evil = Client::connect(&ep.endpoint, ClientOptions::default()).unwrap();
         let mut corrupt = frame(
             MessageType::Ping.code(),
-            1,
+            V,
             60,
             &protocol::encode(&Ping {
                 nonce: 1,
@@ -247,25 +249,25 @@ async fn unfinished_fragments_are_bounded_and_an_abandoned_one_does_not_poison_i
         let mut reuser = Client::connect(&ep.endpoint, ClientOptions::default()).unwrap();
         reuser.hostile_write_record(&fragment(
             ping_type,
-            1,
+            V,
             FLAG_MORE_FRAGMENTS,
             5,
             &ping_payload[..8],
         ));
-        reuser.hostile_write_record(&frame(ping_type, 1, 5, &ping_payload));
+        reuser.hostile_write_record(&frame(ping_type, V, 5, &ping_payload));
         let pong: Pong = reuser.recv(T).unwrap().decode_owned().unwrap();
         assert_eq!(pong.nonce, 77);
         // ... and a fragmented message still reassembles after that.
         reuser.hostile_write_record(&fragment(
             ping_type,
-            1,
+            V,
             FLAG_MORE_FRAGMENTS,
             6,
             &ping_payload[..8],
         ));
         reuser.hostile_write_record(&fragment(
             ping_type,
-            1,
+            V,
             FLAG_CONTINUATION,
             6,
             &ping_payload[8..],
@@ -279,7 +281,7 @@ async fn unfinished_fragments_are_bounded_and_an_abandoned_one_does_not_poison_i
         for id in 0..=MAX_PARTIAL_MESSAGES as u64 {
             hoarder.hostile_write_record(&fragment(
                 ping_type,
-                1,
+                V,
                 FLAG_MORE_FRAGMENTS,
                 100 + id,
                 &[0; 64],
@@ -294,7 +296,7 @@ async fn unfinished_fragments_are_bounded_and_an_abandoned_one_does_not_poison_i
         for id in 0..3 {
             grower.hostile_write_record(&fragment(
                 ping_type,
-                1,
+                V,
                 FLAG_MORE_FRAGMENTS,
                 300 + id,
                 &chunk,

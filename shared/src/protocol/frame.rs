@@ -189,7 +189,7 @@ mod tests {
         let header = FrameHeader::new(16, FLAG_MORE_FRAGMENTS, 5, 0x0102_0304_0506_0708);
         let bytes = frame(header, b"hello");
         assert_eq!(&bytes[0..4], b"LAPC");
-        assert_eq!(bytes[4], 1);
+        assert_eq!(bytes[4], super::super::messages::PROTOCOL_VERSION);
         assert_eq!(&bytes[6..8], &16u16.to_le_bytes());
         let (decoded, payload) = FrameHeader::decode(&bytes, 1024).unwrap();
         assert_eq!(decoded, header);

@@ -3,7 +3,7 @@
 use rkyv::{Archive, Deserialize, Serialize};
 
 /// Protocol version carried in every frame header and in `Hello`.
-pub const PROTOCOL_VERSION: u8 = 1;
+pub const PROTOCOL_VERSION: u8 = 2;
 
 /// A payload type that travels in a frame of a fixed [`MessageType`].
 pub trait Message:
