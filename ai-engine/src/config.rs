@@ -12,12 +12,26 @@
 //! ttl_secs = 300
 //!
 //! [profiles.local-fim]
-//! kind = "openai-completions"          # openai-chat, openai-completions, anthropic, ollama, mistral-fim, gemini, embedded
+//! kind = "llama-cpp"                   # llama-cpp, openai-chat, openai-completions, anthropic, ollama, mistral-fim,
+//!                                      # gemini, embedded
 //! base_url = "http://127.0.0.1:8080"   # a trailing /v1 is fine too
-//! model = "qwen2.5-coder-1.5b"
-//! fim_template = "<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>"
+//! model = "qwen2.5-coder-1.5b"         # the name also selects the FIM family (qwen, starcoder, deepseek, ...)
+//! fim = "auto"                         # auto (default), native, template, none
 //! idle_timeout_ms = 5000
 //! max_tokens = 128
+//!
+//! [profiles.vllm]
+//! kind = "openai-completions"
+//! base_url = "http://127.0.0.1:8000/v1"
+//! model = "my-finetune"
+//! fim = "template"                     # render this template into `prompt`; vLLM rejects `suffix`
+//! fim_template = "<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>"   # or a family name: "starcoder2"
+//! fim_stop = ["<|endoftext|>", "<file_sep>"]   # stop strings of a custom template ({{ and }} are literal braces)
+//!
+//! [profiles.ollama]
+//! kind = "ollama"
+//! model = "qwen2.5-coder:1.5b-base"
+//! keep_alive = "30m"                   # the default; keeps the model loaded between keystrokes
 //!
 //! [profiles.claude]
 //! kind = "anthropic"
@@ -33,6 +47,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::completion::template::{CustomFimTemplate, FimTemplate, PromptPlan, PromptStyle};
+
 /// Catalog name of the model the built-in `embedded` profile uses.
 pub const DEFAULT_EMBEDDED_MODEL: &str = "smollm2-135m-instruct-q4_1";
 /// Name of the built-in profile used when the file names no other.
@@ -43,6 +59,37 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default limit on a whole request, streaming included.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
+/// Default Ollama `keep_alive`: long enough that a keystroke after a coffee break does not wait for a cold load
+/// (Ollama's own default unloads after 5 idle minutes).
+pub const DEFAULT_KEEP_ALIVE: &str = "30m";
+
+/// The per-profile `fim` setting: how fill-in-the-middle reaches the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FimMode {
+    /// The provider's native FIM where the server is known to honour it (falling back when it turns out not to);
+    /// otherwise the model family's template; otherwise the prefix alone.
+    #[default]
+    Auto,
+    /// Always the provider's native FIM (a server that rejects it still gets the fallback, with a warning).
+    Native,
+    /// Always a template rendered by the engine (`fim_template`, or the family's from the model name).
+    Template,
+    /// The prefix alone.
+    None,
+}
+
+impl FimMode {
+    /// The name used in `engine.toml`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FimMode::Auto => "auto",
+            FimMode::Native => "native",
+            FimMode::Template => "template",
+            FimMode::None => "none",
+        }
+    }
+}
 
 /// A secret (API key). Its `Debug` and `Display` print `***`; use [`ApiKey::expose`] only to build a request.
 #[derive(Clone, PartialEq, Eq, Deserialize)]
@@ -90,6 +137,8 @@ pub enum ProviderKind {
     MistralFim,
     /// Google Gemini `streamGenerateContent`.
     Gemini,
+    /// llama.cpp's `llama-server`: FIM on `/infill`, raw prompts on `/completion`, chat on `/v1/chat/completions`.
+    LlamaCpp,
     /// The in-process local model.
     Embedded,
 }
@@ -104,6 +153,7 @@ impl ProviderKind {
             Self::Ollama => "ollama",
             Self::MistralFim => "mistral-fim",
             Self::Gemini => "gemini",
+            Self::LlamaCpp => "llama-cpp",
             Self::Embedded => "embedded",
         }
     }
@@ -116,6 +166,7 @@ impl ProviderKind {
             Self::Ollama => Some("http://127.0.0.1:11434"),
             Self::MistralFim => Some("https://api.mistral.ai"),
             Self::Gemini => Some("https://generativelanguage.googleapis.com"),
+            Self::LlamaCpp => Some("http://127.0.0.1:8080"),
             Self::Embedded => None,
         }
     }
@@ -127,13 +178,26 @@ impl ProviderKind {
             Self::Anthropic => Some("ANTHROPIC_API_KEY"),
             Self::MistralFim => Some("MISTRAL_API_KEY"),
             Self::Gemini => Some("GEMINI_API_KEY"),
-            Self::Ollama | Self::Embedded => None,
+            Self::Ollama | Self::LlamaCpp | Self::Embedded => None,
         }
     }
 
     /// True when requests cannot work without an API key.
     pub fn requires_api_key(self) -> bool {
         matches!(self, Self::Anthropic | Self::MistralFim | Self::Gemini)
+    }
+
+    /// True when the wire format has a native fill-in-the-middle (a suffix field or an infill endpoint).
+    pub fn has_native_fim(self) -> bool {
+        matches!(
+            self,
+            Self::OpenAiCompletions | Self::Ollama | Self::MistralFim | Self::LlamaCpp
+        )
+    }
+
+    /// True for chat-only APIs (completion then asks the model to fill a hole).
+    pub fn is_chat_only(self) -> bool {
+        matches!(self, Self::OpenAiChat | Self::Anthropic | Self::Gemini)
     }
 }
 
@@ -159,8 +223,12 @@ pub struct ProfileConfig {
     /// How long a response may go without a byte before the stream fails as stalled.
     pub idle_timeout: Duration,
     pub request_timeout: Duration,
-    /// Overrides the model family's FIM template (applied by the completion pipeline).
-    pub fim_template: Option<String>,
+    /// How fill-in-the-middle reaches the model (`fim`).
+    pub fim: FimMode,
+    /// `fim_template`, parsed: a named template or style, or a custom template string (with `fim_stop`).
+    pub fim_template: Option<PromptStyle>,
+    /// Ollama only: how long the server keeps the model loaded after a request (`keep_alive`).
+    pub keep_alive: String,
     /// Upper bound on generated tokens; a request asking for more is capped.
     pub max_tokens: Option<u32>,
     /// Replaces the request's temperature when set.
@@ -186,7 +254,9 @@ impl ProfileConfig {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            fim: FimMode::Auto,
             fim_template: None,
+            keep_alive: DEFAULT_KEEP_ALIVE.to_string(),
             max_tokens: None,
             temperature: None,
             model_path: None,
@@ -216,6 +286,24 @@ impl ProfileConfig {
         self.api_key_env
             .as_deref()
             .or_else(|| self.kind.default_api_key_env())
+    }
+
+    /// How completion prompts are built for this profile: the `fim` mode and `fim_template` applied to the
+    /// provider's model and abilities. `supports_native_fim` is the provider's answer.
+    pub fn prompt_plan(&self, model_name: &str, supports_native_fim: bool) -> PromptPlan {
+        let configured = self.fim_template.as_ref();
+        let style = match self.fim {
+            FimMode::None => PromptStyle::PrefixOnly,
+            FimMode::Native => PromptStyle::NativeFim,
+            FimMode::Template => PromptStyle::template_for(configured, model_name),
+            FimMode::Auto => match configured {
+                Some(style) => style.clone(),
+                None => {
+                    PromptStyle::detect(model_name, supports_native_fim, self.kind.is_chat_only())
+                }
+            },
+        };
+        PromptPlan::new(style, configured, model_name)
     }
 
     /// The key to send: the literal `api_key`, else the (non-empty) environment variable.
@@ -345,7 +433,10 @@ struct RawProfile {
     connect_timeout_ms: Option<u64>,
     idle_timeout_ms: Option<u64>,
     request_timeout_ms: Option<u64>,
-    fim_template: Option<String>,
+    fim: Option<Spanned<FimMode>>,
+    fim_template: Option<Spanned<String>>,
+    fim_stop: Option<Spanned<Vec<String>>>,
+    keep_alive: Option<Spanned<toml::Value>>,
     max_tokens: Option<u32>,
     temperature: Option<Spanned<f32>>,
     model_path: Option<PathBuf>,
@@ -493,7 +584,30 @@ impl EngineConfig {
             if let Some(ms) = raw.request_timeout_ms {
                 profile.request_timeout = Duration::from_millis(ms);
             }
-            profile.fim_template = raw.fim_template;
+            profile.fim_template = parse_fim_template(
+                raw.fim_template.as_ref(),
+                raw.fim_stop.as_ref(),
+                &key,
+                &invalid,
+            )?;
+            if let Some(fim) = &raw.fim {
+                profile.fim = *fim.get_ref();
+                check_fim_mode(&profile, fim.span(), &key, &invalid)?;
+            }
+            if let Some(keep_alive) = &raw.keep_alive {
+                profile.keep_alive = match keep_alive.get_ref() {
+                    toml::Value::String(text) if !text.trim().is_empty() => text.trim().to_string(),
+                    toml::Value::Integer(seconds) => format!("{seconds}s"),
+                    _ => {
+                        return Err(invalid(
+                            Some(keep_alive.span()),
+                            &format!("{key}.keep_alive"),
+                            "expected a duration such as \"30m\" or \"1h\", or seconds (negative: keep loaded)"
+                                .to_string(),
+                        ))
+                    }
+                };
+            }
             profile.max_tokens = raw.max_tokens;
             profile.temperature = raw.temperature.map(Spanned::into_inner);
             profile.model_path = raw.model_path;
@@ -547,6 +661,93 @@ impl EngineConfig {
             .or_else(|| self.profiles.get(DEFAULT_PROFILE))
             .or_else(|| self.profiles.values().next())
             .unwrap_or_else(|| default_profile())
+    }
+}
+
+/// The `invalid(span, key, message)` error builder of [`EngineConfig::parse`].
+type InvalidAt<'a> = dyn Fn(Option<std::ops::Range<usize>>, &str, String) -> ConfigError + 'a;
+
+/// `fim_template` (a template or style name, or a template string with `{prefix}`/`{suffix}`) and `fim_stop`,
+/// checked now so a broken template never reaches a request.
+fn parse_fim_template(
+    setting: Option<&Spanned<String>>,
+    stop: Option<&Spanned<Vec<String>>>,
+    key: &str,
+    invalid: &InvalidAt<'_>,
+) -> Result<Option<PromptStyle>, ConfigError> {
+    let Some(setting) = setting else {
+        if let Some(stop) = stop {
+            return Err(invalid(
+                Some(stop.span()),
+                &format!("{key}.fim_stop"),
+                "fim_stop belongs to a custom fim_template string (with {prefix} and {suffix}); set one"
+                    .to_string(),
+            ));
+        }
+        return Ok(None);
+    };
+    let text = setting.get_ref();
+    let template_key = format!("{key}.fim_template");
+    if CustomFimTemplate::looks_like_template(text) {
+        let stop = stop.map(|s| s.get_ref().clone()).unwrap_or_default();
+        return CustomFimTemplate::parse(text, stop)
+            .map(|template| Some(PromptStyle::Custom(std::sync::Arc::new(template))))
+            .map_err(|e| {
+                invalid(
+                    Some(setting.span()),
+                    &template_key,
+                    format!("invalid template: {e}"),
+                )
+            });
+    }
+    if let Some(stop) = stop {
+        return Err(invalid(
+            Some(stop.span()),
+            &format!("{key}.fim_stop"),
+            format!("fim_stop only applies to a custom template string; `{text}` is a named template with its own stop tokens"),
+        ));
+    }
+    PromptStyle::from_name(text)
+        .map(Some)
+        .map_err(|e| invalid(Some(setting.span()), &template_key, e.to_string()))
+}
+
+/// Refuses `fim` settings that cannot work for the profile.
+fn check_fim_mode(
+    profile: &ProfileConfig,
+    span: std::ops::Range<usize>,
+    key: &str,
+    invalid: &InvalidAt<'_>,
+) -> Result<(), ConfigError> {
+    let fim_key = format!("{key}.fim");
+    match profile.fim {
+        FimMode::Native if !profile.kind.has_native_fim() => Err(invalid(
+            Some(span),
+            &fim_key,
+            format!(
+                "a `{}` profile has no native fill-in-the-middle; use \"auto\", \"template\" or \"none\"",
+                profile.kind
+            ),
+        )),
+        FimMode::Template => match &profile.fim_template {
+            Some(PromptStyle::Template(_) | PromptStyle::Custom(_)) => Ok(()),
+            Some(other) => Err(invalid(
+                Some(span),
+                &fim_key,
+                format!("fim = \"template\" needs a template, but fim_template selects {}", other.describe()),
+            )),
+            None if FimTemplate::for_model(&profile.model).is_some() => Ok(()),
+            None => Err(invalid(
+                Some(span),
+                &fim_key,
+                format!(
+                    "fim = \"template\" but the model name `{}` names no known FIM family; set fim_template to a \
+                     family name or a template string with {{prefix}} and {{suffix}}",
+                    profile.model
+                ),
+            )),
+        },
+        _ => Ok(()),
     }
 }
 

@@ -4,8 +4,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ai_engine::completion::{FimTemplate, PromptStyle};
 use ai_engine::config::{
-    ApiKey, ConfigError, EngineConfig, ProfileConfig, ProviderKind, DEFAULT_EMBEDDED_MODEL,
+    ApiKey, ConfigError, EngineConfig, FimMode, ProfileConfig, ProviderKind,
+    DEFAULT_EMBEDDED_MODEL, DEFAULT_KEEP_ALIVE,
 };
 
 const SECRET: &str = "sk-literal-SECRET-42";
@@ -139,10 +141,14 @@ fn full_file() {
     assert_eq!(fast.connect_timeout, Duration::from_millis(1500));
     assert_eq!(fast.idle_timeout, Duration::from_millis(2500));
     assert_eq!(fast.request_timeout, Duration::from_millis(9000));
-    assert_eq!(
-        fast.fim_template.as_deref(),
-        Some("<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>")
-    );
+    match &fast.fim_template {
+        Some(PromptStyle::Custom(template)) => assert_eq!(
+            template.render("P", "S"),
+            "<|fim_prefix|>P<|fim_suffix|>S<|fim_middle|>"
+        ),
+        other => panic!("expected a custom template, got {other:?}"),
+    }
+    assert_eq!(fast.fim, FimMode::Auto);
     assert_eq!(fast.max_tokens, Some(128));
     assert_eq!(fast.temperature, Some(0.1));
 
@@ -380,7 +386,188 @@ fn documented_example_parses() {
         .collect();
     assert!(example.contains("[profiles.claude]"), "{example}");
     let config = EngineConfig::parse(&example, Path::new("example.toml"), true).unwrap();
-    assert_eq!(config.completion().kind, ProviderKind::OpenAiCompletions);
+    assert_eq!(config.completion().kind, ProviderKind::LlamaCpp);
+    let vllm = config.profile("vllm").unwrap();
+    assert_eq!(vllm.fim, FimMode::Template);
+    match &vllm.fim_template {
+        Some(PromptStyle::Custom(template)) => {
+            assert_eq!(template.stop_tokens(), ["<|endoftext|>", "<file_sep>"])
+        }
+        other => panic!("expected a custom template, got {other:?}"),
+    }
+    assert_eq!(config.profile("ollama").unwrap().keep_alive, "30m");
     assert_eq!(config.completion().idle_timeout, Duration::from_secs(5));
     assert_eq!(config.chat().kind, ProviderKind::Anthropic);
+}
+
+/// The error for `text` must be at `line`, name `key` and contain every piece of `words`.
+fn assert_config_error(text: &str, line: usize, key: &str, words: &[&str]) {
+    let (err, shown) = load_err(text, 0o644);
+    match &err {
+        ConfigError::Invalid {
+            line: got_line,
+            key: got_key,
+            ..
+        } => {
+            assert_eq!(*got_line, Some(line), "{shown}");
+            assert_eq!(got_key, key, "{shown}");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert!(
+        shown.contains(&format!("engine.toml:{line}: {key}: ")),
+        "{shown}"
+    );
+    for word in words {
+        assert!(shown.contains(word), "{word:?} missing from: {shown}");
+    }
+}
+
+#[test]
+fn broken_fim_templates_are_refused_naming_key_and_line() {
+    let head = "[profiles.vllm]\nkind = \"openai-completions\"\nmodel = \"m\"\n";
+    assert_config_error(
+        &format!("{head}fim_template = \"<PRE>{{suffix}}<MID>\"\n"),
+        4,
+        "profiles.vllm.fim_template",
+        &["{prefix}"],
+    );
+    assert_config_error(
+        &format!("{head}fim_template = \"{{prefix}}{{sufix}}\"\n"),
+        4,
+        "profiles.vllm.fim_template",
+        &["unknown placeholder", "{sufix}"],
+    );
+    assert_config_error(
+        &format!("{head}\nfim_template = \"<a>{{prefix<b>\"\n"),
+        5,
+        "profiles.vllm.fim_template",
+        &["unbalanced `{`"],
+    );
+    assert_config_error(
+        &format!("{head}fim_template = \"{{prefix}}}}{{suffix}}\"\n"),
+        4,
+        "profiles.vllm.fim_template",
+        &["unbalanced `}`"],
+    );
+    assert_config_error(
+        &format!("{head}fim_template = \"gpt\"\n"),
+        4,
+        "profiles.vllm.fim_template",
+        &["unknown prompt style `gpt`", "qwen3-coder", "seed-coder"],
+    );
+    assert_config_error(
+        &format!("{head}fim_stop = [\"<eot>\"]\n"),
+        4,
+        "profiles.vllm.fim_stop",
+        &["custom fim_template"],
+    );
+}
+
+#[test]
+fn fim_modes_that_cannot_work_are_refused() {
+    assert_config_error(
+        "[profiles.c]\nkind = \"anthropic\"\nmodel = \"claude\"\nfim = \"native\"\n",
+        4,
+        "profiles.c.fim",
+        &["no native fill-in-the-middle", "anthropic"],
+    );
+    assert_config_error(
+        "[profiles.v]\nkind = \"openai-completions\"\nmodel = \"my-finetune\"\nfim = \"template\"\n",
+        4,
+        "profiles.v.fim",
+        &["my-finetune", "fim_template"],
+    );
+    assert_config_error(
+        "[profiles.v]\nkind = \"openai-completions\"\nmodel = \"m\"\nfim = \"sometimes\"\n",
+        4,
+        "profiles.v.fim",
+        &["sometimes"],
+    );
+    assert_config_error(
+        "[profiles.o]\nkind = \"ollama\"\nmodel = \"m\"\nkeep_alive = true\n",
+        4,
+        "profiles.o.keep_alive",
+        &["duration"],
+    );
+}
+
+#[test]
+fn fim_settings_load_and_decide_the_prompt_style() {
+    let text = r#"
+[profiles.auto]
+kind = "openai-completions"
+base_url = "http://127.0.0.1:8000/v1"
+model = "Qwen3-Coder-30B-A3B"
+
+[profiles.family]
+kind = "openai-completions"
+model = "bigcode/starcoder2-3b"
+fim = "template"
+
+[profiles.named]
+kind = "llama-cpp"
+model = "my-model"
+fim = "template"
+fim_template = "deepseek"
+
+[profiles.custom]
+kind = "llama-cpp"
+model = "my-model"
+fim_template = "<s>{suffix}<p>{prefix}<m>{{x}}"
+fim_stop = ["<e>"]
+
+[profiles.off]
+kind = "ollama"
+model = "qwen2.5-coder:1.5b"
+fim = "none"
+keep_alive = 600
+
+[profiles.chat]
+kind = "anthropic"
+model = "claude"
+"#;
+    let config = EngineConfig::parse(text, Path::new("engine.toml"), true).unwrap();
+    let plan = |name: &str, native: bool| {
+        config
+            .profile(name)
+            .unwrap()
+            .prompt_plan(&config.profile(name).unwrap().model, native)
+    };
+
+    let auto = plan("auto", true);
+    assert_eq!(auto.style, PromptStyle::NativeFim);
+    assert_eq!(
+        auto.fallback,
+        Some(PromptStyle::Template(FimTemplate::QwenCoder))
+    );
+
+    let family = plan("family", true);
+    assert_eq!(family.style, PromptStyle::Template(FimTemplate::StarCoder2));
+    assert_eq!(family.fallback, None);
+
+    assert_eq!(
+        plan("named", true).style,
+        PromptStyle::Template(FimTemplate::DeepSeekCoder)
+    );
+
+    let custom = plan("custom", true);
+    let PromptStyle::Custom(template) = &custom.style else {
+        panic!("custom style expected, got {custom:?}");
+    };
+    assert_eq!(template.render("P", "S"), "<s>S<p>P<m>{x}");
+    assert_eq!(template.stop_tokens(), ["<e>"]);
+
+    let off = config.profile("off").unwrap();
+    assert_eq!(off.keep_alive, "600s");
+    assert_eq!(plan("off", true).style, PromptStyle::PrefixOnly);
+    assert_eq!(plan("chat", false).style, PromptStyle::ChatFillHole);
+    assert_eq!(
+        config.profile("chat").unwrap().keep_alive,
+        DEFAULT_KEEP_ALIVE
+    );
+    assert_eq!(
+        config.profile("named").unwrap().effective_base_url(),
+        Some("http://127.0.0.1:8080")
+    );
 }

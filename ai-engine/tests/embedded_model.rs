@@ -59,6 +59,7 @@ fn raw(prompt: &str, max_tokens: u32) -> GenerationRequest {
         temperature: 0.0,
         stop: Vec::new(),
         extra_context: Vec::new(),
+        completion: None,
     }
 }
 
@@ -276,6 +277,7 @@ async fn fim_and_chat_prompts() {
         temperature: 0.0,
         stop: vec![],
         extra_context: vec![],
+        completion: None,
     };
     let out = collect(p.generate(fim)).await.expect("fim");
     assert!(out.usage.completion_tokens > 0);
@@ -292,6 +294,7 @@ async fn fim_and_chat_prompts() {
         temperature: 0.7,
         stop: vec![],
         extra_context: vec![],
+        completion: None,
     };
     let out = collect(p.generate(chat)).await.expect("chat");
     println!("chat: {:?}", out.text);

@@ -302,3 +302,87 @@ async fn gemini_and_mistral_stall_and_drop() {
     let events = collect(gemini(&format!("http://127.0.0.1:{port}")).generate(raw("x"))).await;
     assert!(matches!(last_error(&events), ProviderError::Unreachable(_)));
 }
+
+fn gemini_model(base: &str, model: &str) -> GeminiProvider {
+    GeminiProvider::from_profile(&profile(ProviderKind::Gemini, base, model)).unwrap()
+}
+
+/// A completion request (the engine marks those), as a chat prompt like the fill-the-hole style.
+fn completion_chat() -> ai_engine::provider::GenerationRequest {
+    let mut request = chat(Some("fill"), "x = <FILL_HERE>");
+    request.completion = Some(Default::default());
+    request
+}
+
+#[tokio::test]
+async fn gemini_completions_ask_for_the_least_thinking_the_model_allows() {
+    let cases: [(&str, Option<Value>); 6] = [
+        ("gemini-2.5-flash", Some(json!({"thinkingBudget": 0}))),
+        ("gemini-2.5-flash-lite", Some(json!({"thinkingBudget": 0}))),
+        (
+            "models/gemini-2.5-pro",
+            Some(json!({"thinkingBudget": 128})),
+        ),
+        (
+            "gemini-3-pro-preview",
+            Some(json!({"thinkingLevel": "low"})),
+        ),
+        ("gemini-3-flash", Some(json!({"thinkingLevel": "minimal"}))),
+        ("gemini-2.0-flash", None),
+    ];
+    for (model, expected) in cases {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(sse(gemini_chunk("1", Some("STOP"))))
+            .mount(&server)
+            .await;
+        let p = gemini_model(&server.uri(), model);
+        assert_eq!(text(&collect(p.generate(completion_chat())).await), "1");
+        // A chat request keeps the model's default thinking.
+        assert_eq!(text(&collect(p.generate(chat(None, "hi"))).await), "1");
+        let requests = server.received_requests().await.unwrap();
+        let completion: Value = requests[0].body_json().unwrap();
+        let chat_body: Value = requests[1].body_json().unwrap();
+        assert_eq!(
+            completion["generationConfig"]
+                .get("thinkingConfig")
+                .cloned(),
+            expected,
+            "{model}"
+        );
+        assert!(
+            chat_body["generationConfig"]
+                .get("thinkingConfig")
+                .is_none(),
+            "{model}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn gemini_blocked_finishes_are_errors_not_empty_text() {
+    for (reason, words) in [
+        ("SAFETY", "safety"),
+        ("RECITATION", "recitation"),
+        ("PROHIBITED_CONTENT", "prohibited"),
+        ("OTHER", "OTHER"),
+    ] {
+        let server = MockServer::start().await;
+        let body = format!(
+            "data: {}\r\n\r\n",
+            json!({"candidates": [{"finishReason": reason, "index": 0}]})
+        );
+        Mock::given(method("POST"))
+            .respond_with(sse(body))
+            .mount(&server)
+            .await;
+        let events = collect(gemini(&server.uri()).generate(completion_chat())).await;
+        assert_eq!(text(&events), "");
+        let error = last_error(&events);
+        let message = error.to_string();
+        assert!(matches!(error, ProviderError::BadRequest(_)), "{error:?}");
+        assert!(message.contains(reason), "{message}");
+        assert!(message.contains(words), "{message}");
+        assert!(message.contains("withheld"), "{message}");
+    }
+}

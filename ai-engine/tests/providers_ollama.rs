@@ -77,7 +77,13 @@ async fn fim_uses_generate_with_suffix_and_several_lines_in_one_read() {
             }
         }
     );
-    let requests = server.received_requests().await.unwrap();
+    let requests: Vec<_> = server
+        .received_requests()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.url.path() == "/api/generate")
+        .collect();
     assert!(requests[0].headers.get("authorization").is_none());
     let body: Value = requests[0].body_json().unwrap();
     assert_eq!(body["prompt"], "def add(a, b):\n    ");
@@ -164,7 +170,7 @@ async fn lines_split_across_reads_utf8_split_and_crlf() {
     steps.push(send(&bytes[at..]));
     let server = scripted("application/x-ndjson", steps).await;
     let p = provider(&server.url());
-    let events = collect(p.generate(fim("a", "b"))).await;
+    let events = collect(p.generate(raw("a"))).await;
     assert_eq!(text(&events), "añ🦀 ok");
     assert!(matches!(
         finished(&events),
@@ -294,7 +300,7 @@ async fn stall_drop_and_refused() {
     prof.base_url = Some(server.url());
     prof.idle_timeout = Duration::from_millis(250);
     let p = OllamaProvider::from_profile(&prof).unwrap();
-    let events = collect(p.generate(fim("a", "b"))).await;
+    let events = collect(p.generate(raw("a"))).await;
     assert_eq!(text(&events), "a");
     assert!(
         matches!(last_error(&events), ProviderError::Protocol(m) if m.contains("stream stalled"))
@@ -307,7 +313,7 @@ async fn stall_drop_and_refused() {
     )
     .await;
     let p = provider(&server.url());
-    let mut stream = p.generate(fim("a", "b"));
+    let mut stream = p.generate(raw("a"));
     assert_eq!(
         stream.next().await.unwrap().unwrap(),
         GenerationEvent::Text("b".to_string())
@@ -316,7 +322,190 @@ async fn stall_drop_and_refused() {
     assert_closed(server.closed).await;
 
     let port = closed_port().await;
-    let events =
-        collect(provider(&format!("http://127.0.0.1:{port}")).generate(fim("a", "b"))).await;
+    let events = collect(provider(&format!("http://127.0.0.1:{port}")).generate(raw("a"))).await;
     assert!(matches!(last_error(&events), ProviderError::Unreachable(_)));
+}
+
+fn show(body: Value) -> ResponseTemplate {
+    ResponseTemplate::new(200).set_body_json(body)
+}
+
+async fn paths_and_bodies(server: &MockServer) -> Vec<(String, Value)> {
+    server
+        .received_requests()
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.url.path().to_string(), r.body_json().unwrap()))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_model_whose_template_takes_a_suffix_gets_native_fim_and_show_is_asked_once() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/api/show"))
+        .respond_with(show(json!({
+            "template": "{{- if .Suffix }}<|fim_prefix|>{{ .Prompt }}<|fim_suffix|>{{ .Suffix }}<|fim_middle|>{{- else }}{{ .Prompt }}{{- end }}",
+            "capabilities": ["completion", "insert"]
+        })))
+        .expect(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/api/generate"))
+        .respond_with(ndjson(gen_line("a + b") + &gen_done("stop")))
+        .expect(2)
+        .mount(&server)
+        .await;
+    let p = provider(&server.uri());
+    for _ in 0..2 {
+        let events = collect(p.generate(fim_with_fallback(
+            "x = ",
+            "\n",
+            "TEMPLATE x = ",
+            &["<stop>"],
+        )))
+        .await;
+        assert_eq!(text(&events), "a + b");
+    }
+    let sent = paths_and_bodies(&server).await;
+    assert_eq!(
+        sent[0],
+        (
+            "/api/show".to_string(),
+            json!({"model": "qwen2.5-coder:1.5b"})
+        )
+    );
+    let (path_sent, body) = &sent[1];
+    assert_eq!(path_sent, "/api/generate");
+    assert_eq!(
+        *body,
+        json!({
+            "model": "qwen2.5-coder:1.5b",
+            "stream": true,
+            "keep_alive": "30m",
+            "options": {"num_predict": 64, "temperature": 0.2f32},
+            "prompt": "x = ",
+            "suffix": "\n",
+        })
+    );
+    assert_eq!(sent.len(), 3, "show once, then two generations");
+}
+
+#[tokio::test]
+async fn a_model_without_suffix_support_gets_the_fallback_and_one_log_line() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/api/show"))
+        // An older Ollama: no capabilities field; a chat template without .Suffix.
+        .respond_with(show(json!({
+            "template": "{{ if .System }}<|im_start|>system {{ .System }}<|im_end|>{{ end }}{{ .Prompt }}"
+        })))
+        .expect(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/api/generate"))
+        .respond_with(ndjson(gen_line("1") + &gen_done("stop")))
+        .expect(2)
+        .mount(&server)
+        .await;
+    let logs = LogCapture::start();
+    let p = provider(&server.uri());
+    for _ in 0..2 {
+        let events = collect(p.generate(fim_with_fallback(
+            "x = ",
+            "\n",
+            "<|fim_prefix|>x = <|fim_suffix|>\n<|fim_middle|>",
+            &["<|endoftext|>"],
+        )))
+        .await;
+        assert_eq!(text(&events), "1");
+    }
+    let sent = paths_and_bodies(&server).await;
+    for (path_sent, body) in sent.iter().filter(|(p, _)| p == "/api/generate") {
+        assert_eq!(path_sent, "/api/generate");
+        assert!(body.get("suffix").is_none(), "{body}");
+        assert_eq!(
+            body["prompt"],
+            "<|fim_prefix|>x = <|fim_suffix|>\n<|fim_middle|>"
+        );
+        assert_eq!(body["raw"], true);
+        assert_eq!(body["options"]["stop"], json!(["<|endoftext|>"]));
+        assert_eq!(body["keep_alive"], "30m");
+    }
+    assert_eq!(
+        logs.warnings_with("no suffix (fill-in-the-middle) support"),
+        1,
+        "{}",
+        logs.text()
+    );
+}
+
+#[tokio::test]
+async fn capabilities_without_insert_mean_no_suffix_even_if_the_template_mentions_it() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/api/show"))
+        .respond_with(show(
+            json!({"template": "{{ .Suffix }}", "capabilities": ["completion"]}),
+        ))
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/api/generate"))
+        .respond_with(ndjson(gen_done("stop")))
+        .mount(&server)
+        .await;
+    let p = provider(&server.uri());
+    collect(p.generate(fim_with_fallback("a", "b", "a", &[]))).await;
+    let sent = paths_and_bodies(&server).await;
+    assert!(sent[1].1.get("suffix").is_none());
+    assert_eq!(sent[1].1["prompt"], "a");
+}
+
+#[tokio::test]
+async fn a_suffix_refused_at_generate_time_falls_back_once() {
+    let server = MockServer::start().await;
+    // /api/show unavailable (404): the provider tries the suffix.
+    Mock::given(method("POST"))
+        .and(path("/api/generate"))
+        .and(body_partial_json(json!({"suffix": "b"})))
+        .respond_with(ResponseTemplate::new(400).set_body_json(
+            json!({"error": "registry.ollama.ai/library/m:latest does not support insert"}),
+        ))
+        .with_priority(1)
+        .expect(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/api/generate"))
+        .respond_with(ndjson(gen_line("ok") + &gen_done("stop")))
+        .with_priority(2)
+        .expect(2)
+        .mount(&server)
+        .await;
+    let p = provider(&server.uri());
+    for _ in 0..2 {
+        let events = collect(p.generate(fim_with_fallback("a", "b", "a", &[]))).await;
+        assert_eq!(text(&events), "ok", "{events:?}");
+    }
+}
+
+#[tokio::test]
+async fn keep_alive_is_configurable_and_sent_on_chat_too() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/api/chat"))
+        .respond_with(ndjson(chat_line("hi") + &gen_done("stop")))
+        .mount(&server)
+        .await;
+    let mut prof = ProfileConfig::new("ol", ProviderKind::Ollama, "m");
+    prof.base_url = Some(server.uri());
+    prof.keep_alive = "-1s".to_string();
+    let p = OllamaProvider::from_profile(&prof).unwrap();
+    assert_eq!(text(&collect(p.generate(chat(None, "hello"))).await), "hi");
+    let sent = paths_and_bodies(&server).await;
+    assert_eq!(sent[0].1["keep_alive"], "-1s");
 }

@@ -4,9 +4,9 @@ mod common;
 
 use std::time::Duration;
 
-use ai_engine::config::{ProfileConfig, ProviderKind};
-use ai_engine::provider::http::provider_from_profile;
+use ai_engine::config::{FimMode, ProfileConfig, ProviderKind};
 use ai_engine::provider::openai::OpenAiProvider;
+use ai_engine::provider::provider_from_profile;
 use ai_engine::provider::{GenerationEvent, Provider, ProviderError, StopReason, TokenUsage};
 use common::*;
 use futures::StreamExt;
@@ -107,11 +107,15 @@ async fn completions_native_fim_sends_suffix_and_maps_length() {
         .expect(1)
         .mount(&server)
         .await;
-    // A base URL that already ends in /v1 must not produce /v1/v1/...
-    let p = provider(
+    // A base URL that already ends in /v1 must not produce /v1/v1/... `fim = "native"` forces the suffix on a
+    // server that is not known to honour it (providers_fim.rs covers the automatic choice).
+    let mut prof = profile(
         ProviderKind::OpenAiCompletions,
         &format!("{}/v1/", server.uri()),
+        "test-model",
     );
+    prof.fim = FimMode::Native;
+    let p = OpenAiProvider::from_profile(&prof).unwrap();
     assert!(p.supports_native_fim());
     let events =
         collect(p.generate(fim("def add(a, b):\n    return ", "\n\nprint(add(1, 2))"))).await;
@@ -487,4 +491,46 @@ async fn request_timeout_bounds_a_slow_but_live_stream() {
         other => panic!("unexpected {other:?}"),
     }
     assert_closed(server.closed).await;
+}
+
+#[tokio::test]
+async fn reasoning_models_get_max_completion_tokens_and_no_temperature() {
+    for (model, reasoning) in [
+        ("o1", true),
+        ("o3-mini", true),
+        ("o4-mini", true),
+        ("gpt-5", true),
+        ("gpt-5-mini", true),
+        ("openai/o3", true),
+        ("gpt-5-chat-latest", false),
+        ("gpt-4o-mini", false),
+        ("olmo-2", false),
+    ] {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .and(path("/v1/chat/completions"))
+            .respond_with(sse(format!("{}{CHAT_END}", chat_chunk("ok"))))
+            .mount(&server)
+            .await;
+        let p =
+            OpenAiProvider::from_profile(&profile(ProviderKind::OpenAiChat, &server.uri(), model))
+                .unwrap();
+        let mut request = chat(None, "hi");
+        request.stop = vec!["\n\n".to_string()];
+        assert_eq!(text(&collect(p.generate(request)).await), "ok");
+        let body: Value = server.received_requests().await.unwrap()[0]
+            .body_json()
+            .unwrap();
+        if reasoning {
+            assert_eq!(body["max_completion_tokens"], 64, "{model}");
+            assert!(body.get("max_tokens").is_none(), "{model}");
+            assert!(body.get("temperature").is_none(), "{model}");
+            assert!(body.get("stop").is_none(), "{model}");
+        } else {
+            assert_eq!(body["max_tokens"], 64, "{model}");
+            assert!(body.get("max_completion_tokens").is_none(), "{model}");
+            assert!(body.get("temperature").is_some(), "{model}");
+            assert_eq!(body["stop"], json!(["\n\n"]), "{model}");
+        }
+    }
 }

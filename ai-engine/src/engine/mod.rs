@@ -16,8 +16,8 @@ use lapce_ai_transport::protocol::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::completion::{self, CompletionCache, CompletionFilter, ContextBudget, PromptStyle};
-use crate::config::{EngineConfig, ProfileConfig, ProviderKind};
+use crate::completion::{self, CompletionCache, CompletionFilter, ContextBudget};
+use crate::config::{EngineConfig, ProfileConfig};
 use crate::provider::{
     ChatRole, ChatTurn, GenerationEvent, GenerationRequest, Prompt, Provider, ProviderError,
     StopReason,
@@ -88,13 +88,6 @@ pub struct Engine {
     endpoint: String,
 }
 
-fn is_chat_only(kind: ProviderKind) -> bool {
-    matches!(
-        kind,
-        ProviderKind::OpenAiChat | ProviderKind::Anthropic | ProviderKind::Gemini
-    )
-}
-
 impl Engine {
     pub fn new(
         config: EngineConfig,
@@ -157,16 +150,7 @@ impl Engine {
         Metrics::count(&self.metrics.requests);
         let profile = self.profile(&request.profile, &self.config.completion_profile)?;
         let provider = self.registry.get(profile)?;
-        let style = match &profile.fim_template {
-            Some(name) => {
-                PromptStyle::from_name(name).map_err(|e| EngineError::BadRequest(e.to_string()))?
-            }
-            None => PromptStyle::detect(
-                provider.model(),
-                provider.supports_native_fim(),
-                is_chat_only(profile.kind),
-            ),
-        };
+        let plan = profile.prompt_plan(provider.model(), provider.supports_native_fim());
         let max_tokens = limit(
             request.max_tokens,
             profile.max_tokens,
@@ -176,13 +160,14 @@ impl Engine {
             .temperature
             .or(request.temperature)
             .unwrap_or(DEFAULT_COMPLETION_TEMPERATURE);
-        let prepared = completion::prepare_completion(
+        let mut prepared = completion::prepare_completion(
             &request,
-            style,
+            plan.style.clone(),
             ContextBudget::default(),
             max_tokens,
             temperature,
         );
+        plan.attach_fallback(&mut prepared);
         let trimmed = &prepared.context;
         let cache_model = format!("{}/{}", profile.name, provider.model());
         let cached = self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(
@@ -280,6 +265,7 @@ impl Engine {
                 .unwrap_or(DEFAULT_CHAT_TEMPERATURE),
             stop: Vec::new(),
             extra_context: Vec::new(),
+            completion: None,
         };
         self.run(
             provider.as_ref(),

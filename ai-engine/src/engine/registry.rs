@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use crate::config::{EngineConfig, ProfileConfig, ProviderKind};
-use crate::provider::{http, Provider, ProviderError};
+use crate::provider::{Provider, ProviderError};
 
 /// Builds a provider for a profile. Replaceable so tests and benchmarks can inject instant fakes.
 pub type ProviderFactory =
@@ -52,7 +52,7 @@ pub fn default_factory(_config: &EngineConfig) -> ProviderFactory {
         |profile: &ProfileConfig| -> Result<Arc<dyn Provider>, ProviderError> {
             match profile.kind {
                 ProviderKind::Embedded => embedded(profile),
-                _ => http::provider_from_profile(profile)
+                _ => crate::provider::provider_from_profile(profile)
                     .map_err(|e| ProviderError::BadRequest(e.to_string())),
             }
         },

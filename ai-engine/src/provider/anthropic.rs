@@ -9,7 +9,7 @@ use super::http::{
     error_stream, expect_kind, generation_stream, parse_json, EventStream, FrameDecoder, Framing,
     HttpEndpoint,
 };
-use super::openai::{stream_error, u32_field};
+use super::openai_wire::{stream_error, u32_field};
 use super::{
     ChatRole, GenerationEvent, GenerationRequest, Prompt, Provider, ProviderError, StopReason,
     TokenUsage,

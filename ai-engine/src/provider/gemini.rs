@@ -9,7 +9,7 @@ use super::http::{
     error_stream, expect_kind, generation_stream, parse_json, EventStream, FrameDecoder, Framing,
     HttpEndpoint,
 };
-use super::openai::{stream_error, u32_field};
+use super::openai_wire::{stream_error, u32_field};
 use super::{
     ChatRole, GenerationEvent, GenerationRequest, Prompt, Provider, ProviderError, StopReason,
     TokenUsage,
@@ -42,6 +42,47 @@ impl GeminiProvider {
     }
 }
 
+/// The least thinking a model allows, for completions (thinking tokens come out of `maxOutputTokens` and add
+/// latency). Gemini 2.5 Flash and Flash-Lite turn thinking off with `thinkingBudget: 0`; 2.5 Pro cannot, and
+/// its smallest budget is 128; Gemini 3 and later take `thinkingLevel` (`minimal` on Flash models, `low` on
+/// Pro). Older models (1.5, 2.0) have no thinking and get no field.
+fn completion_thinking_config(model: &str) -> Option<Value> {
+    let name = model.to_ascii_lowercase();
+    let name = name.strip_prefix("models/").unwrap_or(&name);
+    let version = name.strip_prefix("gemini-")?;
+    let major: u32 = version
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()?;
+    let flash = version.contains("flash");
+    if version.starts_with("2.5") {
+        Some(json!({"thinkingBudget": if flash { 0 } else { 128 }}))
+    } else if major >= 3 {
+        Some(json!({"thinkingLevel": if flash { "minimal" } else { "low" }}))
+    } else {
+        None
+    }
+}
+
+/// A finish reason that means the answer was withheld; reported as an error instead of empty text.
+fn blocked_finish(reason: &str) -> Option<ProviderError> {
+    let why = match reason {
+        "STOP" | "MAX_TOKENS" | "FINISH_REASON_UNSPECIFIED" => return None,
+        "SAFETY" | "IMAGE_SAFETY" => "its safety filters",
+        "RECITATION" => "its recitation check (the answer repeated training data too closely)",
+        "BLOCKLIST" => "a terminology blocklist",
+        "PROHIBITED_CONTENT" => "its prohibited-content policy",
+        "SPII" => "its sensitive personal information check",
+        "LANGUAGE" => "an unsupported language",
+        "MALFORMED_FUNCTION_CALL" => "a malformed function call",
+        _ => "a reason it did not explain",
+    };
+    Some(ProviderError::BadRequest(format!(
+        "Gemini withheld the answer (finish reason {reason}: stopped by {why})"
+    )))
+}
+
 fn text_content(role: &str, text: &str) -> Value {
     json!({"role": role, "parts": [{"text": text}]})
 }
@@ -64,6 +105,11 @@ impl Provider for GeminiProvider {
         let mut config = json!({"maxOutputTokens": max_tokens, "temperature": temperature});
         if !request.stop.is_empty() {
             config["stopSequences"] = json!(request.stop);
+        }
+        if request.completion.is_some() {
+            if let Some(thinking) = completion_thinking_config(&self.profile.model) {
+                config["thinkingConfig"] = thinking;
+            }
         }
         let mut body = json!({"generationConfig": config});
         match &request.prompt {
@@ -160,6 +206,9 @@ impl FrameDecoder for GeminiDecoder {
                 }
             }
             if let Some(reason) = candidate.get("finishReason").and_then(Value::as_str) {
+                if let Some(error) = blocked_finish(reason) {
+                    return Err(error);
+                }
                 self.reason = Some(match reason {
                     "MAX_TOKENS" => StopReason::Length,
                     _ => StopReason::Stop,

@@ -10,7 +10,7 @@ use futures::stream::{self, BoxStream, StreamExt};
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use reqwest::{RequestBuilder, Response, StatusCode, Url};
 
-use super::{GenerationEvent, GenerationRequest, Provider, ProviderError};
+use super::{GenerationEvent, GenerationRequest, ProviderError};
 use crate::config::{ApiKey, ConfigError, ProfileConfig, ProviderKind};
 
 /// The stream type every provider returns.
@@ -511,26 +511,6 @@ pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(
 ) -> Result<T, ProviderError> {
     serde_json::from_str(data)
         .map_err(|e| ProviderError::Protocol(format!("{what}: malformed JSON in stream: {e}")))
-}
-
-/// Builds the HTTP provider for `profile`; `embedded` profiles are not HTTP providers.
-pub fn provider_from_profile(profile: &ProfileConfig) -> Result<Arc<dyn Provider>, ConfigError> {
-    use super::{anthropic, gemini, mistral, ollama, openai};
-    Ok(match profile.kind {
-        ProviderKind::OpenAiChat | ProviderKind::OpenAiCompletions => {
-            Arc::new(openai::OpenAiProvider::from_profile(profile)?)
-        }
-        ProviderKind::Anthropic => Arc::new(anthropic::AnthropicProvider::from_profile(profile)?),
-        ProviderKind::Ollama => Arc::new(ollama::OllamaProvider::from_profile(profile)?),
-        ProviderKind::MistralFim => Arc::new(mistral::MistralProvider::from_profile(profile)?),
-        ProviderKind::Gemini => Arc::new(gemini::GeminiProvider::from_profile(profile)?),
-        ProviderKind::Embedded => {
-            return Err(ConfigError::profile(
-                &profile.name,
-                "an `embedded` profile is served by the embedded model, not over HTTP",
-            ))
-        }
-    })
 }
 
 /// Fails with [`ConfigError::Profile`] unless `profile.kind` is one of `kinds`.

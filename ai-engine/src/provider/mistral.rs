@@ -5,7 +5,7 @@ use std::sync::Arc;
 use serde_json::json;
 
 use super::http::{expect_kind, generation_stream, EventStream, Framing, HttpEndpoint};
-use super::openai::{bearer_auth, chat_messages, OpenAiDecoder};
+use super::openai_wire::{bearer_auth, chat_messages, OpenAiDecoder};
 use super::{GenerationRequest, Prompt, Provider};
 use crate::config::{ConfigError, ProfileConfig, ProviderKind};
 

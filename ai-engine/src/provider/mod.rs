@@ -3,13 +3,20 @@
 pub mod anthropic;
 #[cfg(feature = "embedded")]
 pub mod embedded;
+pub mod fim;
 pub mod gemini;
 pub mod http;
+pub mod llama_cpp;
 pub mod mistral;
 pub mod ollama;
 pub mod openai;
+pub mod openai_wire;
+
+use std::sync::Arc;
 
 use futures::stream::BoxStream;
+
+use crate::config::{ConfigError, ProfileConfig, ProviderKind};
 
 /// What to generate. Prompt building (templates, budgets) happens before a provider sees this.
 #[derive(Debug, Clone, PartialEq)]
@@ -56,6 +63,41 @@ pub struct GenerationRequest {
     /// Snippets of other files for providers that take them as a separate field (llama.cpp `/infill`).
     /// Prompt styles that render context into the prompt text leave this empty.
     pub extra_context: Vec<ContextChunk>,
+    /// Set on inline-completion requests, `None` on chat requests.
+    pub completion: Option<CompletionHints>,
+}
+
+/// What a provider needs to know about an inline-completion request beyond the prompt.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct CompletionHints {
+    /// For a [`Prompt::FillInTheMiddle`]: what to send instead when the server does not honour a native suffix
+    /// (or, with `fim = "auto"`, is not known to).
+    pub fim_fallback: Option<FimFallback>,
+}
+
+/// A raw prompt that stands in for a native FIM prompt: the model family's template rendered, or the prefix alone.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FimFallback {
+    pub prompt: String,
+    /// Stop strings for `prompt`.
+    pub stop: Vec<String>,
+    /// What the fallback is, for log lines (`the qwen2.5-coder FIM template`, `prefix-only completion`).
+    pub description: String,
+}
+
+impl GenerationRequest {
+    /// The fallback of a completion request, if any.
+    pub fn fim_fallback(&self) -> Option<&FimFallback> {
+        self.completion.as_ref()?.fim_fallback.as_ref()
+    }
+
+    /// This request with its native FIM prompt replaced by `fallback` (a raw prompt with its stop strings).
+    pub fn with_fallback(&self, fallback: &FimFallback) -> GenerationRequest {
+        let mut request = self.clone();
+        request.prompt = Prompt::Raw(fallback.prompt.clone());
+        request.stop = fallback.stop.clone();
+        request
+    }
 }
 
 /// Why the provider stopped.
@@ -126,4 +168,24 @@ pub trait Provider: Send + Sync + 'static {
         &self,
         request: GenerationRequest,
     ) -> BoxStream<'static, Result<GenerationEvent, ProviderError>>;
+}
+
+/// Builds the HTTP provider for `profile`; `embedded` profiles are not HTTP providers.
+pub fn provider_from_profile(profile: &ProfileConfig) -> Result<Arc<dyn Provider>, ConfigError> {
+    Ok(match profile.kind {
+        ProviderKind::OpenAiChat | ProviderKind::OpenAiCompletions => {
+            Arc::new(openai::OpenAiProvider::from_profile(profile)?)
+        }
+        ProviderKind::Anthropic => Arc::new(anthropic::AnthropicProvider::from_profile(profile)?),
+        ProviderKind::Ollama => Arc::new(ollama::OllamaProvider::from_profile(profile)?),
+        ProviderKind::MistralFim => Arc::new(mistral::MistralProvider::from_profile(profile)?),
+        ProviderKind::Gemini => Arc::new(gemini::GeminiProvider::from_profile(profile)?),
+        ProviderKind::LlamaCpp => Arc::new(llama_cpp::LlamaCppProvider::from_profile(profile)?),
+        ProviderKind::Embedded => {
+            return Err(ConfigError::profile(
+                &profile.name,
+                "an `embedded` profile is served by the embedded model, not over HTTP",
+            ))
+        }
+    })
 }

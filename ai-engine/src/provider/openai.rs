@@ -2,28 +2,29 @@
 
 use std::sync::Arc;
 
-use reqwest::header::AUTHORIZATION;
-use serde_json::{json, Value};
+use serde_json::json;
 
+use super::fim::{
+    honours_native_suffix, is_suffix_rejection, or_fallback, FallbackStream, NativeFimState,
+};
 use super::http::{
-    error_stream, expect_kind, generation_stream, parse_json, EventStream, FrameDecoder, Framing,
-    HttpEndpoint,
+    error_stream, expect_kind, generation_stream, EventStream, Framing, HttpEndpoint,
 };
-use super::{
-    ChatRole, ChatTurn, GenerationEvent, GenerationRequest, Prompt, Provider, ProviderError,
-    StopReason, TokenUsage,
-};
-use crate::config::{ConfigError, ProfileConfig, ProviderKind};
+use super::openai_wire::{bearer_auth, chat_completions_body, OpenAiDecoder};
+use super::{ChatRole, ChatTurn, GenerationRequest, Prompt, Provider, ProviderError};
+use crate::config::{ConfigError, FimMode, ProfileConfig, ProviderKind};
 
 /// A provider speaking the OpenAI HTTP API (OpenAI, llama.cpp server, vLLM, LM Studio, OpenRouter, ...).
 ///
 /// Kind `openai-chat` sends every prompt to `/v1/chat/completions` (a raw prompt becomes one user turn) and has
-/// no native FIM. Kind `openai-completions` sends raw and FIM prompts to `/v1/completions` (FIM through
-/// `suffix`) and chat prompts to `/v1/chat/completions`.
+/// no native FIM. Kind `openai-completions` sends raw and FIM prompts to `/v1/completions` and chat prompts to
+/// `/v1/chat/completions`; a FIM prompt gets the native `suffix` only on servers that honour it
+/// ([`honours_native_suffix`], or `fim = "native"`), and the request's fallback prompt everywhere else.
 #[derive(Debug)]
 pub struct OpenAiProvider {
     endpoint: Arc<HttpEndpoint>,
     profile: ProfileConfig,
+    native_fim: Arc<NativeFimState>,
 }
 
 impl OpenAiProvider {
@@ -37,31 +38,9 @@ impl OpenAiProvider {
         Ok(Self {
             endpoint: Arc::new(endpoint),
             profile: profile.clone(),
+            native_fim: Arc::default(),
         })
     }
-}
-
-/// `Authorization: Bearer KEY`.
-pub(crate) fn bearer_auth(
-    key: &crate::config::ApiKey,
-) -> Vec<(reqwest::header::HeaderName, String)> {
-    vec![(AUTHORIZATION, format!("Bearer {}", key.expose()))]
-}
-
-/// OpenAI-style chat messages, the system prompt first.
-pub(crate) fn chat_messages(system: Option<&str>, turns: &[ChatTurn]) -> Vec<Value> {
-    let mut messages = Vec::with_capacity(turns.len() + 1);
-    if let Some(system) = system {
-        messages.push(json!({"role": "system", "content": system}));
-    }
-    for turn in turns {
-        let role = match turn.role {
-            ChatRole::User => "user",
-            ChatRole::Assistant => "assistant",
-        };
-        messages.push(json!({"role": role, "content": turn.content}));
-    }
-    messages
 }
 
 impl Provider for OpenAiProvider {
@@ -79,43 +58,104 @@ impl Provider for OpenAiProvider {
 
     fn generate(&self, request: GenerationRequest) -> EventStream {
         let completions = self.profile.kind == ProviderKind::OpenAiCompletions;
-        let mut body = HttpEndpoint::streaming_body(&self.profile, &request);
-        body["stream_options"] = json!({"include_usage": true});
-        let chat = match (&request.prompt, completions) {
-            (Prompt::Raw(text), true) => {
-                body["prompt"] = json!(text);
-                false
-            }
+        match (&request.prompt, completions) {
+            (Prompt::Raw(text), true) => self.completion(&request, text, None),
             (Prompt::FillInTheMiddle { prefix, suffix }, true) => {
-                body["prompt"] = json!(prefix);
-                body["suffix"] = json!(suffix);
-                false
+                self.fill_in_the_middle(&request, prefix, suffix)
             }
-            (Prompt::FillInTheMiddle { .. }, false) => {
-                return error_stream(ProviderError::BadRequest(format!(
-                    "profile `{}` (openai-chat) has no native fill-in-the-middle; use a FIM template or openai-completions",
-                    self.profile.name
-                )))
-            }
+            (Prompt::FillInTheMiddle { .. }, false) => error_stream(ProviderError::BadRequest(format!(
+                "profile `{}` (openai-chat) has no native fill-in-the-middle; use a FIM template or openai-completions",
+                self.profile.name
+            ))),
             (Prompt::Raw(text), false) => {
-                body["messages"] = json!([{"role": "user", "content": text}]);
-                true
+                let turn = ChatTurn {
+                    role: ChatRole::User,
+                    content: text.clone(),
+                };
+                self.chat(&request, None, std::slice::from_ref(&turn))
             }
             (Prompt::Chat { system, messages }, _) => {
-                body["messages"] = json!(chat_messages(system.as_deref(), messages));
-                true
+                self.chat(&request, system.as_deref(), messages)
             }
-        };
+        }
+    }
+}
+
+impl OpenAiProvider {
+    fn chat(
+        &self,
+        request: &GenerationRequest,
+        system: Option<&str>,
+        turns: &[ChatTurn],
+    ) -> EventStream {
+        let body = chat_completions_body(&self.profile, request, system, turns);
+        self.stream("/v1/chat/completions", &body, true)
+    }
+
+    /// A `/v1/completions` request for `prompt`, with a native `suffix` when given.
+    fn completion(
+        &self,
+        request: &GenerationRequest,
+        prompt: &str,
+        suffix: Option<&str>,
+    ) -> EventStream {
+        let mut body = HttpEndpoint::streaming_body(&self.profile, request);
+        body["stream_options"] = json!({"include_usage": true});
+        body["prompt"] = json!(prompt);
+        if let Some(suffix) = suffix {
+            body["suffix"] = json!(suffix);
+        }
         if !request.stop.is_empty() {
             body["stop"] = json!(request.stop);
         }
-        let path = if chat {
-            "/v1/chat/completions"
-        } else {
-            "/v1/completions"
+        self.stream("/v1/completions", &body, false)
+    }
+
+    /// Native `suffix` only where the server honours it (or `fim = "native"` says so) and has not refused it;
+    /// otherwise the request's fallback (the family template or the prefix alone). A server that answers 400 to
+    /// the suffix gets the same request again as the fallback, and never the suffix again.
+    fn fill_in_the_middle(
+        &self,
+        request: &GenerationRequest,
+        prefix: &str,
+        suffix: &str,
+    ) -> EventStream {
+        let wanted = match self.profile.fim {
+            FimMode::Native => true,
+            _ => honours_native_suffix(self.endpoint.base_url()),
         };
-        tracing::debug!(profile = %self.profile.name, path, max_tokens = %body["max_tokens"], "starting OpenAI-compatible generation");
-        let http_request = self.endpoint.post_json(path, &body);
+        let fallback = request.fim_fallback().cloned();
+        if !wanted || self.native_fim.refused() {
+            return match &fallback {
+                Some(fallback) => {
+                    let fallback_request = request.with_fallback(fallback);
+                    self.completion(&fallback_request, &fallback.prompt, None)
+                }
+                None => self.completion(request, prefix, None),
+            };
+        }
+        let primary = self.completion(request, prefix, Some(suffix));
+        let fallback_stream = fallback.map(|fallback| {
+            let endpoint = Arc::clone(&self.endpoint);
+            let profile = self.profile.clone();
+            let native_fim = Arc::clone(&self.native_fim);
+            let fallback_request = request.with_fallback(&fallback);
+            Box::new(move |error: &ProviderError| {
+                native_fim.refuse(&profile.name, &error.to_string(), &fallback.description);
+                let this = OpenAiProvider {
+                    endpoint,
+                    profile,
+                    native_fim,
+                };
+                this.completion(&fallback_request, &fallback.prompt, None)
+            }) as FallbackStream
+        });
+        or_fallback(primary, is_suffix_rejection, fallback_stream)
+    }
+
+    fn stream(&self, path: &str, body: &serde_json::Value, chat: bool) -> EventStream {
+        tracing::debug!(profile = %self.profile.name, path, "starting OpenAI-compatible generation");
+        let http_request = self.endpoint.post_json(path, body);
         let decoder = OpenAiDecoder::new(Arc::clone(&self.endpoint), chat);
         generation_stream(
             Arc::clone(&self.endpoint),
@@ -123,146 +163,5 @@ impl Provider for OpenAiProvider {
             Framing::Sse,
             decoder,
         )
-    }
-}
-
-/// Decodes OpenAI-style SSE chunks (`choices[0].delta.content` or `choices[0].text`, then `data: [DONE]`).
-/// Also used for Mistral, whose streams have the same shape.
-pub(crate) struct OpenAiDecoder {
-    endpoint: Arc<HttpEndpoint>,
-    chat: bool,
-    reason: Option<StopReason>,
-    usage: TokenUsage,
-}
-
-impl OpenAiDecoder {
-    pub(crate) fn new(endpoint: Arc<HttpEndpoint>, chat: bool) -> Self {
-        Self {
-            endpoint,
-            chat,
-            reason: None,
-            usage: TokenUsage::default(),
-        }
-    }
-
-    fn finished(&self) -> GenerationEvent {
-        GenerationEvent::Finished {
-            reason: self.reason.unwrap_or(StopReason::Stop),
-            usage: self.usage,
-        }
-    }
-}
-
-impl FrameDecoder for OpenAiDecoder {
-    fn frame(
-        &mut self,
-        _event: &str,
-        data: &str,
-        out: &mut Vec<GenerationEvent>,
-    ) -> Result<bool, ProviderError> {
-        let data = data.trim();
-        if data == "[DONE]" {
-            out.push(self.finished());
-            return Ok(true);
-        }
-        if data.is_empty() {
-            return Ok(false);
-        }
-        let chunk: Value = parse_json("openai", data)?;
-        if let Some(error) = chunk.get("error") {
-            return Err(stream_error(&self.endpoint, error));
-        }
-        if let Some(choice) = chunk
-            .get("choices")
-            .and_then(Value::as_array)
-            .and_then(|c| c.first())
-        {
-            let text = if self.chat {
-                choice.pointer("/delta/content").and_then(Value::as_str)
-            } else {
-                choice.get("text").and_then(Value::as_str)
-            };
-            if let Some(text) = text.filter(|t| !t.is_empty()) {
-                out.push(GenerationEvent::Text(text.to_string()));
-            }
-            if let Some(reason) = choice.get("finish_reason").and_then(Value::as_str) {
-                self.reason = Some(match reason {
-                    "length" => StopReason::Length,
-                    _ => StopReason::Stop,
-                });
-            }
-        }
-        if let Some(usage) = chunk.get("usage").filter(|u| u.is_object()) {
-            self.usage = TokenUsage {
-                prompt_tokens: u32_field(usage, "prompt_tokens"),
-                completion_tokens: u32_field(usage, "completion_tokens"),
-            };
-        }
-        Ok(false)
-    }
-
-    fn end(&mut self, out: &mut Vec<GenerationEvent>) -> Result<(), ProviderError> {
-        if self.reason.is_some() {
-            // Some compatible servers end after the finish reason without `[DONE]`.
-            out.push(self.finished());
-            Ok(())
-        } else {
-            Err(ProviderError::Protocol(
-                "stream ended before [DONE]".to_string(),
-            ))
-        }
-    }
-}
-
-pub(crate) fn u32_field(value: &Value, key: &str) -> u32 {
-    value
-        .get(key)
-        .and_then(Value::as_u64)
-        .map(|n| u32::try_from(n).unwrap_or(u32::MAX))
-        .unwrap_or(0)
-}
-
-/// Classifies an error object received inside a stream (`{"type"/"code"/"status": .., "message": ..}`).
-pub(crate) fn stream_error(endpoint: &HttpEndpoint, error: &Value) -> ProviderError {
-    let kind = ["type", "status", "code"]
-        .iter()
-        .find_map(|k| match error.get(*k) {
-            Some(Value::String(s)) => Some(s.clone()),
-            Some(Value::Number(n)) => Some(n.to_string()),
-            _ => None,
-        })
-        .unwrap_or_default();
-    let message = match error {
-        Value::String(s) => s.clone(),
-        other => other
-            .get("message")
-            .and_then(Value::as_str)
-            .map(str::to_string)
-            .unwrap_or_else(|| other.to_string()),
-    };
-    let message = endpoint.clean(&if kind.is_empty() {
-        message
-    } else {
-        format!("{kind}: {message}")
-    });
-    let lower = kind.to_ascii_lowercase();
-    if lower.contains("rate_limit") || lower.contains("resource_exhausted") || lower == "429" {
-        ProviderError::RateLimited {
-            retry_after_secs: None,
-            message,
-        }
-    } else if lower.contains("auth") || lower.contains("invalid_api_key") || lower == "401" {
-        ProviderError::Auth(message)
-    } else if lower.contains("permission") || lower == "403" {
-        ProviderError::Forbidden(message)
-    } else if lower.contains("not_found") || lower == "404" {
-        ProviderError::NotFound(message)
-    } else if lower.contains("invalid_request")
-        || lower.contains("invalid_argument")
-        || lower == "400"
-    {
-        ProviderError::BadRequest(message)
-    } else {
-        ProviderError::Server(message)
     }
 }

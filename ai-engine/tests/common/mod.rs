@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use ai_engine::config::{ApiKey, ProfileConfig, ProviderKind};
 use ai_engine::provider::{
-    ChatRole, ChatTurn, GenerationEvent, GenerationRequest, Prompt, ProviderError,
+    ChatRole, ChatTurn, CompletionHints, FimFallback, GenerationEvent, GenerationRequest, Prompt,
+    ProviderError,
 };
 use futures::stream::BoxStream;
 use futures::StreamExt;
@@ -187,7 +188,27 @@ pub fn request(prompt: Prompt) -> GenerationRequest {
         temperature: 0.2,
         stop: vec![],
         extra_context: vec![],
+        completion: None,
     }
+}
+
+/// A completion request for native FIM whose fallback is `fallback_prompt` with `fallback_stop`, as the engine
+/// builds it.
+pub fn fim_with_fallback(
+    prefix: &str,
+    suffix: &str,
+    fallback_prompt: &str,
+    fallback_stop: &[&str],
+) -> GenerationRequest {
+    let mut request = fim(prefix, suffix);
+    request.completion = Some(CompletionHints {
+        fim_fallback: Some(FimFallback {
+            prompt: fallback_prompt.to_string(),
+            stop: fallback_stop.iter().map(|s| s.to_string()).collect(),
+            description: "the test template".to_string(),
+        }),
+    });
+    request
 }
 
 pub type Events = Vec<Result<GenerationEvent, ProviderError>>;
@@ -247,4 +268,51 @@ pub async fn assert_closed(closed: oneshot::Receiver<()>) {
         .await
         .expect("upstream connection was not closed within 3 s")
         .expect("server task ended without observing close");
+}
+
+/// Captures the `tracing` output of the current thread (a `#[tokio::test]` runs its futures there) while alive.
+pub struct LogCapture {
+    buffer: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    _guard: tracing::subscriber::DefaultGuard,
+}
+
+#[derive(Clone)]
+struct SharedBuffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for SharedBuffer {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl LogCapture {
+    pub fn start() -> Self {
+        let buffer = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let writer = SharedBuffer(std::sync::Arc::clone(&buffer));
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .finish();
+        Self {
+            buffer,
+            _guard: tracing::subscriber::set_default(subscriber),
+        }
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.buffer.lock().unwrap()).into_owned()
+    }
+
+    /// Lines at WARN level containing `needle`.
+    pub fn warnings_with(&self, needle: &str) -> usize {
+        self.text()
+            .lines()
+            .filter(|line| line.contains("WARN") && line.contains(needle))
+            .count()
+    }
 }
