@@ -447,6 +447,7 @@ fn completion_request(args: &CompleteArgs) -> Result<CompletionRequest, String> 
         },
         max_tokens: args.max_tokens,
         temperature: None,
+        max_lines: 0,
     })
 }
 

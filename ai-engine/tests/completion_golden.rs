@@ -1,7 +1,7 @@
 //! Golden tests for completion post-processing: cases in `tests/golden/*.txt`, each run whole and streamed.
 //!
 //! Case format: `=== name` starts a case; header lines `key: value` follow (`language`, `mode` =
-//! `auto|single|multi`, `stop` (repeatable), `chat: true`, `crlf: true`); then sections `--- input` (the
+//! `auto|single|multi`, `stop` (repeatable), `chat: true`, `crlf: true`, `max_lines: N`); then sections `--- input` (the
 //! document with `<|cursor|>`), `--- raw` (model output) and `--- expected` (the completion). A section's text
 //! is its lines joined with `\n` without trailing empty lines; with `crlf: true` every `\n` of the input, raw
 //! output and expected completion becomes `\r\n`. Lines starting with `#` outside cases are comments.
@@ -22,6 +22,7 @@ struct GoldenCase {
     stop: Vec<String>,
     chat: bool,
     crlf: bool,
+    max_lines: u32,
     input: String,
     raw: String,
     expected: String,
@@ -40,6 +41,7 @@ impl GoldenCase {
             stop: self.stop.clone(),
             language_id: self.language.clone(),
             chat_answer: self.chat,
+            max_lines: self.max_lines,
         }
     }
 }
@@ -119,6 +121,11 @@ fn parse_cases(file: &str, text: &str) -> Vec<GoldenCase> {
             "stop" => case.stop.push(value.to_string()),
             "chat" => case.chat = value == "true",
             "crlf" => case.crlf = value == "true",
+            "max_lines" => {
+                case.max_lines = value
+                    .parse()
+                    .unwrap_or_else(|_| panic!("case {}: bad max_lines `{value}`", case.name))
+            }
             other => panic!("case {}: unknown header `{other}`", case.name),
         }
     }
@@ -297,6 +304,7 @@ fn streaming_shows_decided_text_before_the_provider_ends() {
         stop: Vec::new(),
         language_id: "rust".to_string(),
         chat_answer: false,
+        max_lines: 0,
     };
     let mut filter = CompletionFilter::new(context);
     let first = filter.push("let sum = a + b;\n    su");

@@ -1,15 +1,17 @@
 //! A small LRU cache of finished completions with expiry and type-through hits.
 //!
-//! Entries are keyed by model, the prefix (its length plus a hash of its last [`PREFIX_TAIL_BYTES`]) and the
-//! suffix (a hash of its first [`SUFFIX_HEAD_BYTES`]). When a completion `C` is stored for prefix `P`, a lookup
-//! for prefix `P + C[..k]` with the same suffix (the user typed the first `k` bytes of the ghost text) hits and
-//! returns `C[k..]`. Capacity is small (default 256), so eviction scans for the least recently used entry.
-//! Callers that want different results per mode or language fold them into the model string.
+//! Entries are keyed by a [`CacheScope`] (model, completion mode, line limit), the prefix (its length plus a
+//! hash of its last [`PREFIX_TAIL_BYTES`]) and the suffix (a hash of its first [`SUFFIX_HEAD_BYTES`]). When a
+//! completion `C` is stored for prefix `P`, a lookup for prefix `P + C[..k]` with the same suffix (the user
+//! typed the first `k` bytes of the ghost text) hits and returns `C[k..]`. Capacity is small (default 256), so
+//! eviction scans for the least recently used entry.
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+use lapce_ai_transport::protocol::CompletionMode;
 
 /// How much of the prefix end identifies a cache entry (with the prefix length).
 pub const PREFIX_TAIL_BYTES: usize = 4096;
@@ -100,9 +102,30 @@ pub struct CacheStats {
     pub entries: usize,
 }
 
+/// What, besides the text around the cursor, decides a completion: entries only answer the same scope.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CacheScope {
+    /// Profile and model (and anything else that changes the answer, folded in by the caller).
+    pub model: String,
+    /// The requested mode (a single-line answer is no answer for a multi-line request).
+    pub mode: CompletionMode,
+    /// The line limit the completion was cut at (0 = none).
+    pub max_lines: u32,
+}
+
+impl CacheScope {
+    pub fn new(model: impl Into<String>, mode: CompletionMode, max_lines: u32) -> CacheScope {
+        CacheScope {
+            model: model.into(),
+            mode,
+            max_lines,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct CacheEntry {
-    model: String,
+    scope: CacheScope,
     prefix_len: usize,
     prefix_tail_hash: u64,
     suffix_head_hash: u64,
@@ -153,7 +176,7 @@ impl CompletionCache {
     }
 
     /// Stores a finished completion; empty completions are not stored. Replaces an entry with the same key.
-    pub fn insert(&mut self, model: &str, prefix: &str, suffix: &str, completion: &str) {
+    pub fn insert(&mut self, scope: &CacheScope, prefix: &str, suffix: &str, completion: &str) {
         if completion.is_empty() || self.config.max_entries == 0 {
             return;
         }
@@ -162,7 +185,7 @@ impl CompletionCache {
         let prefix_tail_hash = hash_bytes(tail_bytes(prefix.as_bytes(), PREFIX_TAIL_BYTES));
         let suffix_head_hash = hash_bytes(head_bytes(suffix.as_bytes(), SUFFIX_HEAD_BYTES));
         self.entries.retain(|entry| {
-            !(entry.model == model
+            !(entry.scope == *scope
                 && entry.prefix_len == prefix.len()
                 && entry.prefix_tail_hash == prefix_tail_hash
                 && entry.suffix_head_hash == suffix_head_hash)
@@ -182,7 +205,7 @@ impl CompletionCache {
         }
         self.use_counter += 1;
         self.entries.push(CacheEntry {
-            model: model.to_string(),
+            scope: scope.clone(),
             prefix_len: prefix.len(),
             prefix_tail_hash,
             suffix_head_hash,
@@ -193,13 +216,13 @@ impl CompletionCache {
     }
 
     /// The cached completion for this cursor position, or the untyped rest of one the user is typing through.
-    pub fn get(&mut self, model: &str, prefix: &str, suffix: &str) -> Option<String> {
+    pub fn get(&mut self, scope: &CacheScope, prefix: &str, suffix: &str) -> Option<String> {
         let now = self.clock.now();
         self.remove_expired(now);
         let suffix_head_hash = hash_bytes(head_bytes(suffix.as_bytes(), SUFFIX_HEAD_BYTES));
         let mut best: Option<(usize, usize)> = None; // (entry index, typed bytes)
         for (index, entry) in self.entries.iter().enumerate() {
-            if entry.model != model
+            if entry.scope != *scope
                 || entry.suffix_head_hash != suffix_head_hash
                 || entry.prefix_len > prefix.len()
                 || !prefix.is_char_boundary(entry.prefix_len)
@@ -289,6 +312,10 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
+    fn scope(model: &str) -> CacheScope {
+        CacheScope::new(model, CompletionMode::Auto, 0)
+    }
+
     fn cache_with_clock(max_entries: usize) -> (CompletionCache, Arc<ManualClock>) {
         let clock = Arc::new(ManualClock::new());
         let config = CacheConfig {
@@ -304,13 +331,16 @@ mod tests {
     #[test]
     fn exact_hit_and_miss_are_counted() {
         let (mut cache, _clock) = cache_with_clock(8);
-        cache.insert("qwen", "let x = ", ";\n", "compute(1)");
+        cache.insert(&scope("qwen"), "let x = ", ";\n", "compute(1)");
         assert_eq!(
-            cache.get("qwen", "let x = ", ";\n").as_deref(),
+            cache.get(&scope("qwen"), "let x = ", ";\n").as_deref(),
             Some("compute(1)")
         );
-        assert_eq!(cache.get("other-model", "let x = ", ";\n"), None);
-        assert_eq!(cache.get("qwen", "let x = ", "; // changed\n"), None);
+        assert_eq!(cache.get(&scope("other-model"), "let x = ", ";\n"), None);
+        assert_eq!(
+            cache.get(&scope("qwen"), "let x = ", "; // changed\n"),
+            None
+        );
         let stats = cache.stats();
         assert_eq!(
             (stats.hits, stats.misses, stats.type_through_hits),
@@ -321,33 +351,35 @@ mod tests {
     #[test]
     fn typing_through_the_completion_hits_with_the_rest() {
         let (mut cache, _clock) = cache_with_clock(8);
-        cache.insert("qwen", "let x = ", ";\n", "compute(1)");
+        cache.insert(&scope("qwen"), "let x = ", ";\n", "compute(1)");
         assert_eq!(
-            cache.get("qwen", "let x = com", ";\n").as_deref(),
+            cache.get(&scope("qwen"), "let x = com", ";\n").as_deref(),
             Some("pute(1)")
         );
         assert_eq!(
-            cache.get("qwen", "let x = compute(1", ";\n").as_deref(),
+            cache
+                .get(&scope("qwen"), "let x = compute(1", ";\n")
+                .as_deref(),
             Some(")")
         );
         // Typed all of it, or typed something else: miss.
-        assert_eq!(cache.get("qwen", "let x = compute(1)", ";\n"), None);
-        assert_eq!(cache.get("qwen", "let x = cat", ";\n"), None);
+        assert_eq!(cache.get(&scope("qwen"), "let x = compute(1)", ";\n"), None);
+        assert_eq!(cache.get(&scope("qwen"), "let x = cat", ";\n"), None);
         // Deleted a character before the stored prefix: miss.
-        assert_eq!(cache.get("qwen", "let x =", ";\n"), None);
+        assert_eq!(cache.get(&scope("qwen"), "let x =", ";\n"), None);
         assert_eq!(cache.stats().type_through_hits, 2);
     }
 
     #[test]
     fn type_through_with_non_ascii_text_stays_on_char_boundaries() {
         let (mut cache, _clock) = cache_with_clock(8);
-        cache.insert("m", "let s = \"", "\";", "héllo wörld");
+        cache.insert(&scope("m"), "let s = \"", "\";", "héllo wörld");
         assert_eq!(
-            cache.get("m", "let s = \"hé", "\";").as_deref(),
+            cache.get(&scope("m"), "let s = \"hé", "\";").as_deref(),
             Some("llo wörld")
         );
         // A prefix ending inside the stored prefix's bytes never panics.
-        assert_eq!(cache.get("m", "let s = ", "\";"), None);
+        assert_eq!(cache.get(&scope("m"), "let s = ", "\";"), None);
     }
 
     #[test]
@@ -356,19 +388,25 @@ mod tests {
         let base = "x".repeat(10_000);
         let prefix_a = format!("{base}fn a() {{\n    ");
         let prefix_b = format!("{base}fn b() {{\n    ");
-        cache.insert("m", &prefix_a, "\n}", "alpha()");
-        assert_eq!(cache.get("m", &prefix_b, "\n}"), None);
-        assert_eq!(cache.get("m", &prefix_a, "\n}").as_deref(), Some("alpha()"));
+        cache.insert(&scope("m"), &prefix_a, "\n}", "alpha()");
+        assert_eq!(cache.get(&scope("m"), &prefix_b, "\n}"), None);
+        assert_eq!(
+            cache.get(&scope("m"), &prefix_a, "\n}").as_deref(),
+            Some("alpha()")
+        );
     }
 
     #[test]
     fn entries_expire_after_the_time_to_live() {
         let (mut cache, clock) = cache_with_clock(8);
-        cache.insert("m", "p", "s", "completion");
+        cache.insert(&scope("m"), "p", "s", "completion");
         clock.advance(Duration::from_secs(299));
-        assert_eq!(cache.get("m", "p", "s").as_deref(), Some("completion"));
+        assert_eq!(
+            cache.get(&scope("m"), "p", "s").as_deref(),
+            Some("completion")
+        );
         clock.advance(Duration::from_secs(1));
-        assert_eq!(cache.get("m", "p", "s"), None);
+        assert_eq!(cache.get(&scope("m"), "p", "s"), None);
         assert_eq!(cache.stats().expirations, 1);
         assert!(cache.is_empty());
     }
@@ -376,26 +414,50 @@ mod tests {
     #[test]
     fn least_recently_used_entry_is_evicted() {
         let (mut cache, _clock) = cache_with_clock(2);
-        cache.insert("m", "one", "", "1");
-        cache.insert("m", "two", "", "2");
+        cache.insert(&scope("m"), "one", "", "1");
+        cache.insert(&scope("m"), "two", "", "2");
         // Touch "one" so "two" is the least recently used.
-        assert!(cache.get("m", "one", "").is_some());
-        cache.insert("m", "three", "", "3");
+        assert!(cache.get(&scope("m"), "one", "").is_some());
+        cache.insert(&scope("m"), "three", "", "3");
         assert_eq!(cache.len(), 2);
-        assert_eq!(cache.get("m", "two", ""), None);
-        assert_eq!(cache.get("m", "one", "").as_deref(), Some("1"));
-        assert_eq!(cache.get("m", "three", "").as_deref(), Some("3"));
+        assert_eq!(cache.get(&scope("m"), "two", ""), None);
+        assert_eq!(cache.get(&scope("m"), "one", "").as_deref(), Some("1"));
+        assert_eq!(cache.get(&scope("m"), "three", "").as_deref(), Some("3"));
         assert_eq!(cache.stats().evictions, 1);
     }
 
     #[test]
     fn reinserting_a_key_replaces_and_empty_completions_are_skipped() {
         let (mut cache, _clock) = cache_with_clock(4);
-        cache.insert("m", "p", "s", "old");
-        cache.insert("m", "p", "s", "new");
-        cache.insert("m", "q", "s", "");
+        cache.insert(&scope("m"), "p", "s", "old");
+        cache.insert(&scope("m"), "p", "s", "new");
+        cache.insert(&scope("m"), "q", "s", "");
         assert_eq!(cache.len(), 1);
-        assert_eq!(cache.get("m", "p", "s").as_deref(), Some("new"));
-        assert_eq!(cache.get("m", "q", "s"), None);
+        assert_eq!(cache.get(&scope("m"), "p", "s").as_deref(), Some("new"));
+        assert_eq!(cache.get(&scope("m"), "q", "s"), None);
+    }
+
+    #[test]
+    fn mode_and_line_limit_are_part_of_the_key() {
+        let (mut cache, _clock) = cache_with_clock(8);
+        let eight_lines = CacheScope::new("m", CompletionMode::MultiLine, 8);
+        cache.insert(&eight_lines, "fn f() {\n    ", "\n}", "a();\n    b();");
+        assert_eq!(
+            cache.get(&eight_lines, "fn f() {\n    ", "\n}").as_deref(),
+            Some("a();\n    b();")
+        );
+        let single = CacheScope::new("m", CompletionMode::SingleLine, 8);
+        assert_eq!(cache.get(&single, "fn f() {\n    ", "\n}"), None);
+        let two_lines = CacheScope::new("m", CompletionMode::MultiLine, 2);
+        assert_eq!(cache.get(&two_lines, "fn f() {\n    ", "\n}"), None);
+        // The same position in another scope is a separate entry.
+        cache.insert(&single, "fn f() {\n    ", "\n}", "a();");
+        assert_eq!(cache.len(), 2);
+        assert_eq!(
+            cache
+                .get(&eight_lines, "fn f() {\n    a();\n", "\n}")
+                .as_deref(),
+            Some("    b();")
+        );
     }
 }

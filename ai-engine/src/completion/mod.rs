@@ -10,10 +10,14 @@ use lapce_ai_transport::protocol::CompletionRequest;
 
 pub mod cache;
 pub mod context;
+pub mod indent;
+pub mod inflight;
 pub mod postprocess;
 pub mod template;
 
-pub use cache::{CacheConfig, CacheStats, Clock, CompletionCache, ManualClock, SystemClock};
+pub use cache::{
+    CacheConfig, CacheScope, CacheStats, Clock, CompletionCache, ManualClock, SystemClock,
+};
 pub use context::{
     approximate_tokens, trim_context, trim_context_with, ContextBudget, TrimmedContext,
 };
@@ -52,6 +56,7 @@ pub fn prepare_completion(
             stop: built.stop.clone(),
             language_id: request.language_id.clone(),
             chat_answer: built.chat_answer,
+            max_lines: request.max_lines,
         },
         context,
     }

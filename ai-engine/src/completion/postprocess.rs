@@ -21,18 +21,32 @@
 //!    (ignoring surrounding whitespace) to the next non-blank line below the cursor ends the completion before
 //!    that line (for the first line only when the cursor line is blank before the cursor). A next line without
 //!    letters or digits (`}`, `});`) must also match in indentation, since closers of nested blocks look alike.
+//!    The same holds for the [`LATER_SUFFIX_LINES`] non-blank lines after it that have at least
+//!    [`MIN_LATER_SUFFIX_LINE_CHARS`] characters and a letter or digit.
 //! 6. **Repeated lines**: a non-blank line equal (ignoring trailing whitespace) to the previous non-blank line,
 //!    or seen twice before, ends the completion before it. The "three times" rule only applies to lines with
 //!    at least [`MIN_REPEATED_LINE_CHARS`] non-whitespace characters, since `}` or `break;` legitimately recur.
 //! 7. **Single-line mode** stops at the first newline once there is non-whitespace text.
-//!    **Multi-line mode** stops at a blank line followed by a line indented less than the cursor line.
-//!    [`CompletionMode::Auto`] is resolved by [`resolve_line_mode`].
-//! 8. **Trivial results**: trailing whitespace is removed; an empty or whitespace-only result, or one that only
+//!    [`CompletionMode::Auto`] is resolved by [`resolve_line_mode`]. With [`FilterContext::max_lines`], the
+//!    completion stops at the end of that many lines.
+//! 8. **Indentation and scope**: when the cursor line is blank before the cursor, blank lines before the first
+//!    code line are dropped, and the first line's own indentation is kept only where it gives the indentation
+//!    the line above calls for (a model that re-emits the cursor line's indentation, or adds a space after it,
+//!    does not indent the line twice). Every later line's indentation is rewritten in the document's style
+//!    ([`IndentStyle`]: tabs, or spaces of its width; a model that indents by another width is converted level
+//!    by level). A line indented less than the cursor's block (the first line's indentation, or the suffix's
+//!    next line's when that is deeper) leaves the block and ends the completion, unless it starts with a
+//!    closing bracket (rule 4 judges those).
+//! 9. **Line length**: when the completion continues a line with code before the cursor, that line may not
+//!    grow longer than the longest line near the cursor (at least [`MIN_LINE_WIDTH_LIMIT`] characters).
+//! 10. **Trivial results**: trailing whitespace is removed; an empty or whitespace-only result, or one that only
 //!    restates the start of the suffix up to a line end, becomes empty.
 
 use std::collections::HashMap;
 
 use lapce_ai_transport::protocol::CompletionMode;
+
+use super::indent::{indent_width, IndentStyle};
 
 /// Lines shorter than this (non-whitespace characters) are exempt from the "three times total" rule.
 pub const MIN_REPEATED_LINE_CHARS: usize = 8;
@@ -44,6 +58,21 @@ const PREFIX_SCAN_BYTES: usize = 16 * 1024;
 const CHAT_ECHO_LINES: usize = 8;
 
 const MARKDOWN_FENCE: &str = "```";
+
+/// How many lines on each side of the cursor decide the document's indentation style.
+const STYLE_SCAN_LINES: usize = 200;
+
+/// How many lines on each side of the cursor set the longest line a mid-line completion may reach.
+const NEARBY_LINES: usize = 20;
+
+/// A mid-line completion may always make its line this long (characters), however short the lines near it.
+pub const MIN_LINE_WIDTH_LIMIT: usize = 80;
+
+/// How many non-blank suffix lines after the next one a generated line is also compared with.
+pub const LATER_SUFFIX_LINES: usize = 2;
+
+/// Later suffix lines shorter than this (non-whitespace characters) are not compared.
+pub const MIN_LATER_SUFFIX_LINE_CHARS: usize = 4;
 
 /// Everything the filter needs to know about the request.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -59,6 +88,8 @@ pub struct FilterContext {
     pub language_id: String,
     /// True when the output is a chat model's answer to a fill-the-hole prompt.
     pub chat_answer: bool,
+    /// Stop after this many lines (0 = no limit).
+    pub max_lines: u32,
 }
 
 /// The result of one [`CompletionFilter::push`].
@@ -168,6 +199,8 @@ pub struct CompletionFilter {
     next_suffix_line: String,
     /// The same line with its indentation (compared as is when it has no letters or digits, like `}`).
     next_suffix_line_indented: String,
+    /// Later non-blank suffix lines (trimmed) that a generated line must not repeat either.
+    later_suffix_lines: Vec<String>,
     /// The suffix without leading whitespace (line endings normalized).
     suffix_trimmed: String,
     /// The first non-whitespace character of the suffix.
@@ -179,6 +212,19 @@ pub struct CompletionFilter {
     cursor_indent: usize,
     /// Prefix lines a chat answer may echo; the last is the cursor line up to the cursor.
     chat_prefix_lines: Vec<String>,
+    /// The document's indentation style; `None` keeps generated indentation as it is.
+    indent_style: Option<IndentStyle>,
+    /// The indentation a line at the cursor should have, judging by the line above (blank cursor line only).
+    expected_indent: Option<usize>,
+    /// Indentation of the suffix's next non-blank line unless it starts with a closing bracket.
+    suffix_block_indent: Option<usize>,
+    /// Lines indented less than this leave the cursor's block (fixed once the first line's indentation is).
+    block_indent: usize,
+    /// The longest the cursor line may grow when the completion continues it mid-line (characters).
+    line_width_limit: Option<usize>,
+    /// Characters of the cursor line before the cursor.
+    cursor_line_chars: usize,
+    max_lines: u32,
 
     // Stage state.
     /// A `\r` at the end of the last delta, waiting to see whether `\n` follows.
@@ -190,14 +236,29 @@ pub struct CompletionFilter {
     /// In the chat pass phase: whether the next released character starts a line.
     chat_at_line_start: bool,
 
+    // Indentation stage state.
+    /// True while the current line has only had whitespace (held in `pending_indent`).
+    at_indentation: bool,
+    pending_indent: String,
+    /// Blank lines were dropped before the first line: its generated indentation is absolute.
+    started_new_line: bool,
+    /// The model's indentation step, once a line after a block opener shows it.
+    model_unit: Option<usize>,
+    /// (generated width, document width) of the first line: conversions between widths are relative to it.
+    anchor: (usize, usize),
+    /// Generated indentation width of the last line with content.
+    previous_generated_width: usize,
+    /// Whether the last completed line opens a block.
+    previous_line_opens_block: bool,
+    /// Characters of the first generated line so far.
+    first_line_chars: usize,
+
     // Rule state over the released text.
     text: String,
     line_start: usize,
     line_index: usize,
     line_has_content: bool,
     any_content: bool,
-    /// Start of the current run of blank lines (after at least one completed blank line).
-    blank_run_start: Option<usize>,
     previous_line: Option<String>,
     line_counts: HashMap<String, usize>,
     lexer: BracketLexer,
@@ -219,19 +280,70 @@ impl CompletionFilter {
         let line_mode = resolve_line_mode(&prefix, &suffix, context.mode, &context.language_id);
 
         let mut suffix_lines = suffix.split('\n');
-        let rest_of_line = suffix_lines.next().unwrap_or("").trim().to_string();
-        let next_suffix_line_indented = suffix_lines
-            .find(|line| !line.trim().is_empty())
-            .unwrap_or("")
-            .trim_end()
-            .to_string();
+        let rest_of_line_raw = suffix_lines.next().unwrap_or("");
+        let rest_of_line = rest_of_line_raw.trim().to_string();
+        let mut non_blank_below = suffix_lines.filter(|line| !line.trim().is_empty());
+        let next_suffix_line_indented = non_blank_below.next().unwrap_or("").trim_end().to_string();
         let next_suffix_line = next_suffix_line_indented.trim().to_string();
+        let later_suffix_lines: Vec<String> = non_blank_below
+            .take(LATER_SUFFIX_LINES)
+            .map(str::trim)
+            .filter(|line| {
+                line.chars().any(char::is_alphanumeric)
+                    && line.chars().filter(|c| !c.is_whitespace()).count()
+                        >= MIN_LATER_SUFFIX_LINE_CHARS
+            })
+            .map(str::to_string)
+            .collect();
+        let suffix_block_indent = (!next_suffix_line.is_empty()
+            && !next_suffix_line.starts_with([')', ']', '}']))
+        .then(|| indent_width(&next_suffix_line_indented));
         let suffix_trimmed = suffix.trim_start().to_string();
         let suffix_first_char = suffix_trimmed.chars().next();
 
         let cursor_line = prefix.rsplit('\n').next().unwrap_or("");
         let first_line_is_whole = cursor_line.trim().is_empty();
         let cursor_indent = indent_width(cursor_line);
+
+        let lines_above: Vec<&str> = prefix.rsplit('\n').skip(1).take(STYLE_SCAN_LINES).collect();
+        let lines_below = suffix.split('\n').skip(1).take(STYLE_SCAN_LINES);
+        let indent_style =
+            IndentStyle::detect(lines_above.iter().rev().copied().chain(lines_below));
+        let expected_indent = lines_above
+            .iter()
+            .find(|line| !line.trim().is_empty())
+            .map(|line| {
+                let above = indent_width(line);
+                // Without a detected style, the editor's indentation of the cursor line says the step.
+                let unit = indent_style.map_or(
+                    if cursor_indent > above {
+                        cursor_indent - above
+                    } else {
+                        super::indent::TAB_WIDTH
+                    },
+                    IndentStyle::unit_width,
+                );
+                above
+                    + if opens_block(line, &context.language_id) {
+                        unit
+                    } else {
+                        0
+                    }
+            });
+        let line_width_limit = (!first_line_is_whole).then(|| {
+            let longest_nearby = lines_above
+                .iter()
+                .take(NEARBY_LINES)
+                .copied()
+                .chain(suffix.split('\n').skip(1).take(NEARBY_LINES))
+                .map(|line| line.chars().count())
+                .chain(std::iter::once(
+                    cursor_line.chars().count() + rest_of_line_raw.chars().count(),
+                ))
+                .max()
+                .unwrap_or(0);
+            longest_nearby.max(MIN_LINE_WIDTH_LIMIT)
+        });
 
         let mut stop: Vec<String> = context
             .stop
@@ -273,23 +385,38 @@ impl CompletionFilter {
             rest_of_line,
             next_suffix_line,
             next_suffix_line_indented,
+            later_suffix_lines,
             suffix_trimmed,
             suffix_first_char,
             first_line_is_whole,
             cursor_line_before: cursor_line.to_string(),
             cursor_indent,
             chat_prefix_lines,
+            indent_style,
+            expected_indent,
+            suffix_block_indent,
+            block_indent: cursor_indent.max(suffix_block_indent.unwrap_or(0)),
+            line_width_limit,
+            cursor_line_chars: cursor_line.chars().count(),
+            max_lines: context.max_lines,
             pending_carriage_return: false,
             stop_buffer: String::new(),
             chat_phase: ChatPhase::Fence,
             chat_buffer: String::new(),
             chat_at_line_start: true,
+            at_indentation: first_line_is_whole,
+            pending_indent: String::new(),
+            started_new_line: false,
+            model_unit: None,
+            anchor: (cursor_indent, cursor_indent),
+            previous_generated_width: cursor_indent,
+            previous_line_opens_block: false,
+            first_line_chars: 0,
             text: String::new(),
             line_start: 0,
             line_index: 0,
             line_has_content: false,
             any_content: false,
-            blank_run_start: None,
             previous_line: None,
             line_counts: HashMap::new(),
             lexer,
@@ -545,7 +672,57 @@ impl CompletionFilter {
 
     /// Applies the character-level rules to the next released character.
     fn rules_step(&mut self, character: char) {
+        if self.at_indentation {
+            match character {
+                ' ' | '\t' => {
+                    self.pending_indent.push(character);
+                    return;
+                }
+                '\n' => {
+                    // A blank line keeps no whitespace; blank lines before the first code line are dropped.
+                    self.pending_indent.clear();
+                    if self.line_index == 0 && self.first_line_is_whole {
+                        self.started_new_line = true;
+                        return;
+                    }
+                }
+                _ => {
+                    let generated = std::mem::take(&mut self.pending_indent);
+                    let indent = self.shape_indentation(&generated);
+                    self.at_indentation = false;
+                    if self.line_index > 0 && !matches!(character, ')' | ']' | '}') {
+                        let width = indent_width(&indent);
+                        if width < self.block_indent {
+                            tracing::trace!(
+                                width,
+                                block = self.block_indent,
+                                "line leaves the cursor's block; cut"
+                            );
+                            self.cut = Some(self.text.len());
+                            return;
+                        }
+                    }
+                    for whitespace in indent.chars() {
+                        self.lexer.step(whitespace);
+                        self.text.push(whitespace);
+                    }
+                }
+            }
+        }
         let position = self.text.len();
+        if self.line_index == 0 && character != '\n' {
+            if let Some(limit) = self.line_width_limit {
+                if self.cursor_line_chars + self.first_line_chars + 1 > limit {
+                    tracing::trace!(
+                        limit,
+                        "line grows longer than the lines near the cursor; cut"
+                    );
+                    self.cut = Some(position);
+                    return;
+                }
+            }
+            self.first_line_chars += 1;
+        }
         match self.lexer.step(character) {
             Lexeme::Opener => self.completion_open.push(character),
             Lexeme::Closer => {
@@ -573,17 +750,101 @@ impl CompletionFilter {
         self.text.push(character);
         if character == '\n' {
             self.complete_line(position);
+            self.at_indentation = true;
         } else if !character.is_whitespace() && !self.line_has_content {
             self.line_has_content = true;
             self.any_content = true;
-            if self.line_index > 0 && self.line_mode == LineMode::MultiLine {
-                if let Some(blank_start) = self.blank_run_start.take() {
-                    let indent = indent_width(&self.text[self.line_start..position]);
-                    if indent < self.cursor_indent {
-                        tracing::trace!("blank line then dedent below the cursor; cut");
-                        self.cut = Some(blank_start);
-                    }
+        }
+    }
+
+    /// The indentation to insert for a line whose generated indentation is `generated` (see rule 8).
+    fn shape_indentation(&mut self, generated: &str) -> String {
+        let generated_width = indent_width(generated);
+        if self.line_index == 0 {
+            return self.shape_first_line_indentation(generated, generated_width);
+        }
+        if !generated.contains('\t')
+            && self.model_unit.is_none()
+            && self.previous_line_opens_block
+            && generated_width > self.previous_generated_width
+        {
+            let step = generated_width - self.previous_generated_width;
+            if matches!(step, 2 | 4) {
+                tracing::trace!(step, "model indentation step");
+                self.model_unit = Some(step);
+            }
+        }
+        self.previous_generated_width = generated_width;
+        match self.indent_style {
+            Some(style) => style.render(self.document_width(generated, style)),
+            None => generated.to_string(),
+        }
+    }
+
+    /// The first line's indentation, when the cursor line is blank before the cursor: only what the cursor's
+    /// own indentation lacks.
+    fn shape_first_line_indentation(&mut self, generated: &str, generated_width: usize) -> String {
+        let cursor = self.cursor_indent;
+        let width = match self.indent_style {
+            Some(style) => self.document_width(generated, style),
+            None => generated_width,
+        };
+        let target = if self.started_new_line || cursor == 0 {
+            width.max(cursor)
+        } else if width > 0 && self.expected_indent == Some(cursor + width) {
+            cursor + width
+        } else if width > cursor && self.expected_indent == Some(width) {
+            width
+        } else {
+            cursor
+        };
+        let continues_cursor = !self.started_new_line && target == cursor + width && width > 0;
+        let anchor_generated = if continues_cursor {
+            cursor + generated_width
+        } else if self.started_new_line || generated_width >= cursor {
+            generated_width
+        } else {
+            cursor
+        };
+        self.anchor = (anchor_generated, target);
+        self.previous_generated_width = anchor_generated;
+        self.block_indent = target.max(self.suffix_block_indent.unwrap_or(0));
+        if target == cursor {
+            if generated_width > 0 {
+                tracing::trace!(generated_width, "first line's extra indentation dropped");
+            }
+            return String::new();
+        }
+        match self.indent_style {
+            Some(style) => style.render(target - cursor),
+            None if continues_cursor => generated.to_string(),
+            None => generated
+                .strip_prefix(self.cursor_line_before.as_str())
+                .unwrap_or(generated)
+                .to_string(),
+        }
+    }
+
+    /// The width `generated` indentation has in the document's `style`: a tab is one level; spaces of a model
+    /// that indents by another step are converted level by level, relative to the first line.
+    fn document_width(&self, generated: &str, style: IndentStyle) -> usize {
+        let tabs = generated.chars().filter(|c| *c == '\t').count();
+        let spaces = generated.len() - tabs;
+        match style {
+            IndentStyle::Spaces(unit) => match self.model_unit {
+                Some(step) if tabs == 0 && step != unit && self.line_index > 0 => {
+                    let (anchor_generated, anchor_document) = self.anchor;
+                    let offset = spaces as i64 - anchor_generated as i64;
+                    let step = step as i64;
+                    // Levels, rounded half away from zero.
+                    let levels = (offset + offset.signum() * (step / 2)) / step;
+                    usize::try_from(anchor_document as i64 + levels * unit as i64).unwrap_or(0)
                 }
+                _ => tabs * unit + spaces,
+            },
+            IndentStyle::Tabs => {
+                let step = self.model_unit.unwrap_or(super::indent::TAB_WIDTH);
+                (tabs + spaces / step) * super::indent::TAB_WIDTH + spaces % step
             }
         }
     }
@@ -599,12 +860,19 @@ impl CompletionFilter {
             self.cut = Some(line_end);
             return;
         }
-        if line.trim().is_empty() {
-            if self.blank_run_start.is_none() {
-                self.blank_run_start = Some(self.line_start);
-            }
+        if self.max_lines > 0 && self.line_index + 1 >= self.max_lines as usize {
+            tracing::trace!(max_lines = self.max_lines, "line limit reached; cut");
+            self.cut = Some(line_end);
+            return;
+        }
+        let full_line = if self.line_index == 0 {
+            format!("{}{line}", self.cursor_line_before)
         } else {
-            self.blank_run_start = None;
+            line
+        };
+        if !full_line.trim().is_empty() {
+            self.previous_line_opens_block =
+                matches!(full_line.trim_end().chars().last(), Some('{' | ':'));
         }
         self.line_index += 1;
         self.line_start = line_end + 1;
@@ -631,9 +899,10 @@ impl CompletionFilter {
             line.to_string()
         };
         if (self.line_index > 0 || self.first_line_is_whole)
-            && self.repeats_next_suffix_line(&full_line)
+            && (self.repeats_next_suffix_line(&full_line)
+                || self.later_suffix_lines.iter().any(|later| later == trimmed))
         {
-            tracing::trace!("line repeats the next line of the suffix; cut");
+            tracing::trace!("line repeats a line of the suffix; cut");
             return Some(self.line_start);
         }
         let key = full_line.trim_end();
@@ -733,10 +1002,13 @@ impl CompletionFilter {
         let partial = &self.text[self.line_start..];
         if !partial.trim().is_empty() {
             let content = partial.trim();
-            if (self.line_index > 0 || self.first_line_is_whole)
-                && !self.next_suffix_line.is_empty()
-                && self.next_suffix_line.starts_with(content)
-            {
+            let may_repeat_suffix_line = (!self.next_suffix_line.is_empty()
+                && self.next_suffix_line.starts_with(content))
+                || self
+                    .later_suffix_lines
+                    .iter()
+                    .any(|later| later.starts_with(content));
+            if (self.line_index > 0 || self.first_line_is_whole) && may_repeat_suffix_line {
                 bound = bound.min(self.line_start);
             }
             let key = partial.trim_end();
@@ -785,14 +1057,6 @@ fn is_long_enough_to_repeat(line: &str) -> bool {
         .filter(|character| !character.is_whitespace())
         .count()
         >= MIN_REPEATED_LINE_CHARS
-}
-
-/// Leading indentation in columns (a tab counts 4).
-fn indent_width(line: &str) -> usize {
-    line.chars()
-        .take_while(|character| *character == ' ' || *character == '\t')
-        .map(|character| if character == '\t' { 4 } else { 1 })
-        .sum()
 }
 
 /// Length of the longest tail of `text` that is a proper, non-empty prefix of `sequence`.
@@ -932,6 +1196,7 @@ mod tests {
             stop: vec!["<|endoftext|>".to_string()],
             language_id: "rust".to_string(),
             chat_answer: false,
+            max_lines: 0,
         }
     }
 

@@ -40,6 +40,8 @@ pub struct Metrics {
     pub cancels: AtomicU64,
     pub errors: AtomicU64,
     pub cache_hits: AtomicU64,
+    /// Completion requests served by a running generation they typed through (no provider call of their own).
+    pub reused_generations: AtomicU64,
     time_to_first_token: Mutex<Window>,
     total: Mutex<Window>,
 }

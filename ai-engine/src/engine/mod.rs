@@ -16,7 +16,10 @@ use lapce_ai_transport::protocol::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::completion::{self, CompletionCache, CompletionFilter, ContextBudget};
+use crate::completion::inflight::{
+    GenerationOrigin, GenerationState, InflightGenerations, Subscription,
+};
+use crate::completion::{self, CacheScope, CompletionCache, CompletionFilter, ContextBudget};
 use crate::config::{EngineConfig, ProfileConfig};
 use crate::provider::{
     ChatRole, ChatTurn, GenerationEvent, GenerationRequest, Prompt, Provider, ProviderError,
@@ -82,7 +85,9 @@ impl EngineError {
 pub struct Engine {
     config: EngineConfig,
     registry: ProviderRegistry,
-    cache: Mutex<CompletionCache>,
+    cache: Arc<Mutex<CompletionCache>>,
+    /// Completion generations a request that types through their text may adopt.
+    inflight: Arc<InflightGenerations>,
     pub metrics: Metrics,
     started: Instant,
     endpoint: String,
@@ -100,7 +105,8 @@ impl Engine {
         });
         Arc::new(Self {
             registry: ProviderRegistry::new(factory),
-            cache: Mutex::new(cache),
+            cache: Arc::new(Mutex::new(cache)),
+            inflight: Arc::default(),
             metrics: Metrics::default(),
             started: Instant::now(),
             endpoint: endpoint.into(),
@@ -169,9 +175,13 @@ impl Engine {
         );
         plan.attach_fallback(&mut prepared);
         let trimmed = &prepared.context;
-        let cache_model = format!("{}/{}", profile.name, provider.model());
+        let scope = CacheScope::new(
+            format!("{}/{}", profile.name, provider.model()),
+            request.mode,
+            request.max_lines,
+        );
         let cached = self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(
-            &cache_model,
+            &scope,
             &trimmed.prefix,
             &trimmed.suffix,
         );
@@ -189,41 +199,92 @@ impl Engine {
                 total,
             });
         }
-        let mut filter = CompletionFilter::new(prepared.filter_context);
-        let generation = prepared.request;
-        let mut shown = String::new();
-        let outcome = self
-            .run(
-                provider.as_ref(),
-                generation,
-                sink,
-                cancel,
-                started,
-                |delta| {
-                    let step = match delta {
-                        Some(text) => filter.push(text),
-                        None => completion::FilterStep {
-                            emit: filter.finish(),
-                            done: true,
-                        },
-                    };
-                    shown.push_str(&step.emit);
-                    step
-                },
-            )
-            .await;
-        match &outcome {
-            Ok(o) if o.finish_reason != FinishReason::Cancelled => {
-                self.cache.lock().unwrap_or_else(|p| p.into_inner()).insert(
-                    &cache_model,
-                    &trimmed.prefix,
-                    &trimmed.suffix,
-                    &shown,
-                );
-            }
-            _ => {}
+        let origin = GenerationOrigin {
+            scope: scope.clone(),
+            file_path: request.file_path.clone(),
+            language_id: request.language_id.clone(),
+            prefix: request.prefix.clone(),
+            suffix: request.suffix.clone(),
+        };
+        if let Some(subscription) = self.inflight.adopt(&origin) {
+            Metrics::count(&self.metrics.reused_generations);
+            return self.follow(subscription, true, sink, cancel, started).await;
         }
-        outcome
+        let filter = CompletionFilter::new(prepared.filter_context);
+        let stream = provider.generate(prepared.request);
+        let cache = Arc::clone(&self.cache);
+        let (cache_prefix, cache_suffix) = (trimmed.prefix.clone(), trimmed.suffix.clone());
+        let subscription = self
+            .inflight
+            .start(origin, stream, filter, move |completion| {
+                cache.lock().unwrap_or_else(|p| p.into_inner()).insert(
+                    &scope,
+                    &cache_prefix,
+                    &cache_suffix,
+                    completion,
+                );
+            });
+        self.follow(subscription, false, sink, cancel, started)
+            .await
+    }
+
+    /// Streams a completion generation's decided text into `sink` until it ends or `cancel` fires (the
+    /// generation itself may outlive this request: see [`completion::inflight`]). A request that adopted
+    /// another request's generation (`reused`) reports no token usage of its own.
+    async fn follow<S: TextSink>(
+        &self,
+        mut subscription: Subscription,
+        reused: bool,
+        sink: &mut S,
+        cancel: &CancellationToken,
+        started: Instant,
+    ) -> Result<Outcome, EngineError> {
+        let mut time_to_first_token = None;
+        let result = loop {
+            let (text, state) = subscription.take_new();
+            if !text.is_empty() {
+                time_to_first_token.get_or_insert_with(|| started.elapsed());
+                if let Err(gone) = sink.send(&text).await {
+                    break Err(EngineError::ClientGone(gone));
+                }
+            }
+            match state {
+                GenerationState::Running => {}
+                GenerationState::Finished {
+                    finish_reason,
+                    usage,
+                } => break Ok((finish_reason, if reused { Usage::default() } else { usage })),
+                GenerationState::Failed(error) => break Err(EngineError::Provider(error)),
+                GenerationState::Cancelled => {
+                    break Ok((FinishReason::Cancelled, Usage::default()))
+                }
+            }
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => break Ok((FinishReason::Cancelled, Usage::default())),
+                () = subscription.changed() => {}
+            }
+        };
+        drop(subscription);
+        let total = started.elapsed();
+        match result {
+            Ok((finish_reason, usage)) => {
+                if finish_reason == FinishReason::Cancelled {
+                    Metrics::count(&self.metrics.cancels);
+                }
+                self.metrics.record_latency(time_to_first_token, total);
+                Ok(Outcome {
+                    finish_reason,
+                    usage,
+                    time_to_first_token,
+                    total,
+                })
+            }
+            Err(e) => {
+                Metrics::count(&self.metrics.errors);
+                Err(e)
+            }
+        }
     }
 
     /// One chat answer, streamed into `sink`.

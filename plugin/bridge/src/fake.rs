@@ -114,6 +114,7 @@ fn echo(req: &CompletionRequest) -> String {
         "file_path": req.file_path,
         "profile": req.profile,
         "mode": mode,
+        "max_lines": req.max_lines,
     })
     .to_string()
 }

@@ -359,6 +359,7 @@ impl Server {
             mode: self.settings.mode(),
             max_tokens: 0,
             temperature: None,
+            max_lines: self.settings.max_lines,
         };
         let delay = if params.context.trigger_kind == InlineCompletionTriggerKind::Automatic {
             let rhythm = self.rhythm.entry(uri.clone()).or_default();

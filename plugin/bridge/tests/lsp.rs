@@ -112,6 +112,7 @@ fn configuration_change_disables_and_reenables() {
     let id = c.inline(&uri, (0, 10), 2);
     let echo: Value = serde_json::from_str(&items(&c.response(id, T))[0]).expect("echo json");
     assert_eq!(echo["profile"], json!("first"));
+    assert_eq!(echo["max_lines"], json!(8), "the default max-lines setting");
 
     c.notify(
         "workspace/didChangeConfiguration",
@@ -129,6 +130,8 @@ fn configuration_change_disables_and_reenables() {
     let echo: Value = serde_json::from_str(&items(&c.response(id, T))[0]).expect("echo json");
     assert_eq!(echo["profile"], json!("second"));
     assert_eq!(echo["mode"], json!("single"));
+    // The engine is told the line limit, so it stops there (and caches the cut completion).
+    assert_eq!(echo["max_lines"], json!(1));
 }
 
 #[test]

@@ -194,6 +194,9 @@ pub struct CompletionRequest {
     pub max_tokens: u32,
     /// `None` = profile default.
     pub temperature: Option<f32>,
+    /// The most lines the client shows; the engine stops generating there (and caches the cut completion).
+    /// 0 = no limit.
+    pub max_lines: u32,
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
