@@ -172,8 +172,9 @@ async fn a_completion_uses_definitions_from_documents_synced_on_its_connection()
     );
     assert!(!context.contains("blob"), "{context}");
 
-    // Another connection has its own (empty) store.
+    // Another connection has its own (empty) store. (Each request differs: the engine's cache never answers.)
     let other = daemon.client().await;
+    let prefix = "fn main() {\n    let b = area_of_circle(";
     assert_eq!(daemon.prompt_prefix(&other, prefix).await, prefix);
     drop(other);
 
@@ -184,6 +185,7 @@ async fn a_completion_uses_definitions_from_documents_synced_on_its_connection()
         })
         .await
         .unwrap();
+    let prefix = "fn main() {\n    let c = area_of_circle(";
     assert_eq!(daemon.prompt_prefix(&client, prefix).await, prefix);
     assert!(client.is_alive());
     drop(client);
