@@ -11,6 +11,12 @@
 //! entries = 100
 //! ttl_secs = 300
 //!
+//! [context]                            # snippets of other open files in completion prompts
+//! enabled = true
+//! extra_tokens = 1024                  # on top of the cursor's own context; 0 disables
+//! max_documents = 64
+//! max_document_bytes = 1048576         # larger files are not used as context
+//!
 //! [profiles.local-fim]
 //! kind = "llama-cpp"                   # llama-cpp, openai-chat, openai-completions, anthropic, ollama, mistral-fim,
 //!                                      # gemini, embedded
@@ -335,6 +341,40 @@ impl Default for CacheConfig {
     }
 }
 
+/// Context from other open files (`[context]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ContextConfig {
+    pub enabled: bool,
+    /// Token budget for snippets of other files, separate from the cursor context's budget; 0 disables.
+    pub extra_tokens: usize,
+    /// Open documents kept per client connection.
+    pub max_documents: usize,
+    /// Larger documents are refused (logged) and never used as context.
+    pub max_document_bytes: usize,
+}
+
+impl Default for ContextConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            extra_tokens: 1024,
+            max_documents: 64,
+            max_document_bytes: 1024 * 1024,
+        }
+    }
+}
+
+impl ContextConfig {
+    /// The snippet budget in effect (0 when disabled).
+    pub fn effective_extra_tokens(&self) -> usize {
+        if self.enabled {
+            self.extra_tokens
+        } else {
+            0
+        }
+    }
+}
+
 /// The whole engine configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EngineConfig {
@@ -345,6 +385,7 @@ pub struct EngineConfig {
     pub completion_profile: String,
     pub chat_profile: String,
     pub cache: CacheConfig,
+    pub context: ContextConfig,
 }
 
 impl Default for EngineConfig {
@@ -360,6 +401,7 @@ impl Default for EngineConfig {
             completion_profile: DEFAULT_PROFILE.to_string(),
             chat_profile: DEFAULT_PROFILE.to_string(),
             cache: CacheConfig::default(),
+            context: ContextConfig::default(),
         }
     }
 }
@@ -420,6 +462,8 @@ struct RawConfig {
     profiles: BTreeMap<String, Spanned<RawProfile>>,
     #[serde(default)]
     cache: RawCache,
+    #[serde(default)]
+    context: RawContext,
 }
 
 #[derive(Deserialize)]
@@ -449,6 +493,15 @@ struct RawProfile {
 struct RawCache {
     entries: Option<usize>,
     ttl_secs: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawContext {
+    enabled: Option<bool>,
+    extra_tokens: Option<usize>,
+    max_documents: Option<usize>,
+    max_document_bytes: Option<usize>,
 }
 
 impl EngineConfig {
@@ -522,6 +575,22 @@ impl EngineConfig {
                 .ttl_secs
                 .map(Duration::from_secs)
                 .unwrap_or(defaults.ttl),
+        };
+        let context_defaults = ContextConfig::default();
+        config.context = ContextConfig {
+            enabled: raw.context.enabled.unwrap_or(context_defaults.enabled),
+            extra_tokens: raw
+                .context
+                .extra_tokens
+                .unwrap_or(context_defaults.extra_tokens),
+            max_documents: raw
+                .context
+                .max_documents
+                .unwrap_or(context_defaults.max_documents),
+            max_document_bytes: raw
+                .context
+                .max_document_bytes
+                .unwrap_or(context_defaults.max_document_bytes),
         };
 
         for (name, spanned) in raw.profiles {

@@ -3,7 +3,7 @@
 //! Enabled by the `testing` feature; used by the engine's and the bridge's integration tests.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -23,6 +23,8 @@ pub struct FakeOpenAi {
     /// Streams whose client hung up before the script ended (a cancel reached the upstream connection).
     pub aborted: Arc<AtomicUsize>,
     pub completed: Arc<AtomicUsize>,
+    /// Every request body received, in order (what the engine sent: prompts, suffixes, extra fields).
+    pub bodies: Arc<Mutex<Vec<String>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -33,11 +35,13 @@ impl FakeOpenAi {
         let requests = Arc::new(AtomicUsize::new(0));
         let aborted = Arc::new(AtomicUsize::new(0));
         let completed = Arc::new(AtomicUsize::new(0));
+        let bodies = Arc::new(Mutex::new(Vec::new()));
         let (r, a, c) = (
             Arc::clone(&requests),
             Arc::clone(&aborted),
             Arc::clone(&completed),
         );
+        let b = Arc::clone(&bodies);
         let task = tokio::spawn(async move {
             loop {
                 let Ok((mut socket, _)) = listener.accept().await else {
@@ -45,10 +49,12 @@ impl FakeOpenAi {
                 };
                 let script = script.clone();
                 let (r, a, c) = (Arc::clone(&r), Arc::clone(&a), Arc::clone(&c));
+                let b = Arc::clone(&b);
                 tokio::spawn(async move {
-                    let Some(path) = read_request(&mut socket).await else {
+                    let Some((path, body)) = read_request(&mut socket).await else {
                         return;
                     };
+                    b.lock().unwrap_or_else(|p| p.into_inner()).push(body);
                     r.fetch_add(1, Ordering::SeqCst);
                     let chat = path.contains("chat");
                     let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n";
@@ -82,6 +88,7 @@ impl FakeOpenAi {
             requests,
             aborted,
             completed,
+            bodies,
             task,
         }
     }
@@ -97,8 +104,8 @@ impl Drop for FakeOpenAi {
     }
 }
 
-/// Reads one HTTP request (headers + content-length body); returns its path.
-async fn read_request(socket: &mut tokio::net::TcpStream) -> Option<String> {
+/// Reads one HTTP request (headers + content-length body); returns its path and body.
+async fn read_request(socket: &mut tokio::net::TcpStream) -> Option<(String, String)> {
     let mut buffer = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
@@ -124,7 +131,11 @@ async fn read_request(socket: &mut tokio::net::TcpStream) -> Option<String> {
                 }
                 buffer.extend_from_slice(&chunk[..n]);
             }
-            return head.split_whitespace().nth(1).map(str::to_owned);
+            let body = String::from_utf8_lossy(&buffer[end + 4..end + 4 + length]).into_owned();
+            return head
+                .split_whitespace()
+                .nth(1)
+                .map(|path| (path.to_owned(), body));
         }
     }
 }

@@ -115,6 +115,8 @@ impl EngineLink {
 #[derive(Debug, Clone)]
 pub struct ConnectionInfo {
     pub slot: u32,
+    /// The slot segment's random generation: with `slot` and `server_pid`, names this connection uniquely.
+    pub generation: u64,
     pub server_pid: u32,
     pub max_message_bytes: u32,
     pub stream_window_bytes: u32,
@@ -240,6 +242,7 @@ impl ClientParts {
                 }
                 ConnectionInfo {
                     slot: ack.slot,
+                    generation: segment.generation(),
                     server_pid: ack.server_pid,
                     max_message_bytes: ack.max_message_bytes,
                     stream_window_bytes: ack.stream_window_bytes,

@@ -17,7 +17,9 @@ use ai_engine::engine::{Engine, ProviderFactory, TextSink};
 use ai_engine::provider::Provider;
 use ai_engine::testing::instant_engine_parts;
 use clap::Parser;
-use lapce_ai_transport::protocol::{CompletionMode, CompletionRequest};
+use lapce_ai_transport::protocol::{
+    ByteEdit, CompletionMode, CompletionRequest, DocumentContent, DocumentSync,
+};
 use lapce_ai_transport::{
     AsyncClient, ClientOptions, Endpoint, Server, ServerOptions, StreamEvent,
 };
@@ -132,6 +134,104 @@ async fn overhead(iterations: usize) -> (Percentiles, Percentiles) {
         .await
         .expect("shutdown");
     (percentiles(direct), percentiles(through))
+}
+
+/// A ~20 KB Rust module `index` full of small functions `helper_{index}_{n}`.
+fn bench_module(index: usize) -> String {
+    let mut text = String::from("use std::collections::HashMap;\n\n");
+    let mut n = 0;
+    while text.len() < 20_000 {
+        text.push_str(&format!(
+            "/// Helper {n} of module {index}.\npub fn helper_{index}_{n}(values: &[u32]) -> u32 {{\n    \
+let mut total = 0;\n    for v in values {{\n        if *v > {n} {{\n            total += v * {index};\n        \
+}}\n    }}\n    total\n}}\n\n"
+        ));
+        n += 1;
+    }
+    text
+}
+
+/// Time to first token through the transport with context from other files `enabled` or not: 10 open 20 KB
+/// modules, and before each request a one-character edit of the current file synced as the bridge does.
+async fn context_ttft(enabled: bool, iterations: usize) -> Percentiles {
+    let mut config = instant_config();
+    config.context.enabled = enabled;
+    let root = tempfile::tempdir().expect("temp dir");
+    set_private(root.path());
+    let endpoint = Endpoint::in_root("context-bench", root.path()).expect("endpoint");
+    let engine = Engine::new(config, instant_factory(), "bench");
+    let daemon = DaemonHandler::new(engine, tokio::runtime::Handle::current());
+    let server = Server::bind(
+        &endpoint,
+        ServerOptions::default(),
+        Arc::new(Handler(daemon)),
+    )
+    .expect("bind");
+    let client = AsyncClient::connect(&endpoint, ClientOptions::default())
+        .await
+        .expect("connect");
+    let full = |path: String, text: String| DocumentSync {
+        path,
+        language_id: "rust".into(),
+        version: 1,
+        content: DocumentContent::Full(text.into_bytes()),
+    };
+    for index in 0..10 {
+        let sync = full(format!("/bench/src/module_{index}.rs"), bench_module(index));
+        client.notify(&sync).await.expect("sync");
+    }
+    let main_path = "/bench/src/main.rs".to_owned();
+    let main_text = "fn main() {\n    let values = vec![1, 2, 3];\n    \n}\n".to_owned();
+    let mut cursor = main_text.len() - 3;
+    client
+        .notify(&full(main_path.clone(), main_text))
+        .await
+        .expect("sync");
+    let mut samples = Vec::with_capacity(iterations);
+    for i in 0..iterations {
+        let keystroke = DocumentSync {
+            path: main_path.clone(),
+            language_id: "rust".into(),
+            version: i as i32 + 2,
+            content: DocumentContent::Edits {
+                base_version: i as i32 + 1,
+                edits: vec![ByteEdit {
+                    start: cursor as u64,
+                    end: cursor as u64,
+                    text: b"x".to_vec(),
+                }],
+            },
+        };
+        cursor += 1;
+        let request = CompletionRequest {
+            language_id: "rust".into(),
+            file_path: main_path.clone(),
+            prefix: format!(
+                "fn main() {{\n    let values = vec![1, 2, 3];\n    let a = helper_3_17(&values) + helper_7_{}(&values);\n    let y{i} = ",
+                i % 40
+            ),
+            suffix: "\n}\n".into(),
+            ..CompletionRequest::default()
+        };
+        let started = Instant::now();
+        client.notify(&keystroke).await.expect("keystroke");
+        let mut stream = client.request(&request).await.expect("request");
+        let mut first = None;
+        while let Some(event) = stream.next().await {
+            match event.expect("stream") {
+                StreamEvent::Chunk { .. } => {
+                    first.get_or_insert_with(|| started.elapsed());
+                }
+                StreamEvent::End(_) => break,
+            }
+        }
+        samples.push(first.expect("a chunk"));
+    }
+    drop(client);
+    tokio::task::spawn_blocking(move || server.shutdown())
+        .await
+        .expect("shutdown");
+    percentiles(samples)
 }
 
 fn set_private(path: &std::path::Path) {
@@ -284,6 +384,9 @@ fn main() {
         .expect("runtime");
     let iterations = if args.quick { 300 } else { 5000 };
     let (direct, through) = runtime.block_on(overhead(iterations));
+    let context_iterations = if args.quick { 300 } else { 2000 };
+    let context_off = runtime.block_on(context_ttft(false, context_iterations));
+    let context_on = runtime.block_on(context_ttft(true, context_iterations));
     #[cfg(feature = "embedded")]
     let embedded = runtime.block_on(embedded(
         args.model.clone(),
@@ -303,6 +406,9 @@ fn main() {
         "overhead_p50_us": micros(through.p50),
         "overhead_p99_us": micros(through.p99),
         "transport_added_p50_us": micros(through.p50.saturating_sub(direct.p50)),
+        "context_off_ttft_p50_us": micros(context_off.p50),
+        "context_on_ttft_p50_us": micros(context_on.p50),
+        "context_added_p50_us": micros(context_on.p50) - micros(context_off.p50),
     });
     match &embedded {
         Ok((cold_ttft, cold_total, warm_ttft, warm_total)) => {
@@ -340,6 +446,27 @@ fn main() {
         micros(through.p50),
         micros(through.p99),
         "p50 < 200us"
+    );
+    println!(
+        "{:<48} {:>10.1}us {:>10.1}us {:>14}",
+        "first token, context from other files off",
+        micros(context_off.p50),
+        micros(context_off.p99),
+        ""
+    );
+    println!(
+        "{:<48} {:>10.1}us {:>10.1}us {:>14}",
+        "first token, context on (10 files x 20 KB)",
+        micros(context_on.p50),
+        micros(context_on.p99),
+        "+< 500us p50"
+    );
+    println!(
+        "{:<48} {:>10.1}us {:>12} {:>14}",
+        "  added by context (on - off)",
+        micros(context_on.p50) - micros(context_off.p50),
+        "",
+        ""
     );
     match &embedded {
         Ok((cold_ttft, cold_total, warm_ttft, warm_total)) => {

@@ -9,23 +9,29 @@ use std::sync::{Arc, Mutex};
 
 use futures::FutureExt;
 use lapce_ai_transport::protocol::{
-    Cancel, ChatRequest, CompletionRequest, ErrorCode, MessageType, Usage,
+    Cancel, ChatRequest, CompletionRequest, DocumentClosed, DocumentSync, ErrorCode, MessageType,
+    Usage,
 };
 use lapce_ai_transport::server::{DisconnectReason, ServerConnection, ServerHandler, StreamSender};
 use lapce_ai_transport::{Endpoint, ReceivedMessage, Server, ServerOptions, TransportError};
 use tokio_util::sync::CancellationToken;
 
+use crate::completion::WorkspaceStore;
 use crate::config::EngineConfig;
 use crate::engine::{Engine, EngineError, Outcome, ProviderFactory, TextSink};
 
 /// A request in flight: (slot, connection generation, request id).
 type RequestKey = (u32, u64, u64);
+/// A client connection: (slot, connection generation).
+type ConnectionKey = (u32, u64);
 
 /// Connects transport callbacks (reactor thread) to engine tasks (tokio runtime).
 pub struct DaemonHandler {
     engine: Arc<Engine>,
     runtime: tokio::runtime::Handle,
     in_flight: Mutex<HashMap<RequestKey, CancellationToken>>,
+    /// Each connection's open documents (context from other files), dropped when it disconnects.
+    workspaces: Mutex<HashMap<ConnectionKey, Arc<Mutex<WorkspaceStore>>>>,
     connections: AtomicU32,
     /// Cancelled when a client asks the engine to stop.
     pub shutdown: CancellationToken,
@@ -50,6 +56,7 @@ impl DaemonHandler {
             engine,
             runtime,
             in_flight: Mutex::new(HashMap::new()),
+            workspaces: Mutex::new(HashMap::new()),
             connections: AtomicU32::new(0),
             shutdown: CancellationToken::new(),
         })
@@ -63,6 +70,49 @@ impl DaemonHandler {
         (connection.slot(), connection.generation(), id)
     }
 
+    fn workspaces(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<ConnectionKey, Arc<Mutex<WorkspaceStore>>>> {
+        self.workspaces.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The connection's document store, if it synced any document.
+    fn workspace(&self, connection: &ServerConnection) -> Option<Arc<Mutex<WorkspaceStore>>> {
+        let key = (connection.slot(), connection.generation());
+        self.workspaces().get(&key).cloned()
+    }
+
+    /// Applies a document notification to the connection's store (on the reactor thread: a bounded splice,
+    /// so the order of edits is the order they arrived in). Ignored when context is switched off.
+    fn on_document(
+        &self,
+        connection: &ServerConnection,
+        sync: Option<&DocumentSync>,
+        closed: Option<&str>,
+    ) {
+        if self.engine.config().context.effective_extra_tokens() == 0 {
+            return;
+        }
+        let key = (connection.slot(), connection.generation());
+        let store = match (sync, self.workspace(connection)) {
+            (_, Some(store)) => store,
+            (Some(_), None) => Arc::clone(
+                self.workspaces()
+                    .entry(key)
+                    .or_insert_with(|| Arc::new(Mutex::new(self.engine.new_workspace()))),
+            ),
+            (None, None) => return,
+        };
+        let mut store = store.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(sync) = sync {
+            // A refusal is logged by the store; the document is just not used as context.
+            let _ = store.apply(sync);
+        }
+        if let Some(path) = closed {
+            store.remove(path);
+        }
+    }
+
     fn start(self: &Arc<Self>, connection: &Arc<ServerConnection>, id: u64, job: Job) {
         let token = CancellationToken::new();
         let key = Self::key(connection, id);
@@ -73,6 +123,9 @@ impl DaemonHandler {
             );
         }
         let this = Arc::clone(self);
+        let workspace = matches!(job, Job::Complete(_))
+            .then(|| self.workspace(connection))
+            .flatten();
         let connection = Arc::clone(connection);
         self.runtime.spawn(async move {
             let mut stream = connection.open_stream(id);
@@ -80,7 +133,9 @@ impl DaemonHandler {
                 let mut sink = StreamSink(&mut stream);
                 match job {
                     Job::Complete(request) => {
-                        this.engine.complete(request, &mut sink, &token).await
+                        this.engine
+                            .complete_in(request, workspace.as_deref(), &mut sink, &token)
+                            .await
                     }
                     Job::Chat(request) => this.engine.chat(request, &mut sink, &token).await,
                 }
@@ -188,6 +243,19 @@ impl ServerHandler for Handler {
                     daemon.reply_error(connection, id, ErrorCode::InvalidPayload, e.to_string())
                 }
             },
+            Some(MessageType::DocumentSync) => match message.decode_owned::<DocumentSync>() {
+                Ok(sync) => daemon.on_document(connection, Some(&sync), None),
+                // A notification has no reply stream: log it.
+                Err(e) => {
+                    tracing::warn!(client = %connection.client_name(), error = %e, "ignoring a malformed DocumentSync")
+                }
+            },
+            Some(MessageType::DocumentClosed) => match message.decode::<DocumentClosed>() {
+                Ok(closed) => daemon.on_document(connection, None, Some(closed.path.as_str())),
+                Err(e) => {
+                    tracing::warn!(client = %connection.client_name(), error = %e, "ignoring a malformed DocumentClosed")
+                }
+            },
             Some(MessageType::StatusRequest) => {
                 let status = daemon
                     .engine
@@ -217,6 +285,7 @@ impl ServerHandler for Handler {
         let daemon = &self.0;
         daemon.connections.fetch_sub(1, Ordering::AcqRel);
         let (slot, generation) = (connection.slot(), connection.generation());
+        daemon.workspaces().remove(&(slot, generation));
         let mut cancelled = 0;
         for (key, token) in daemon.in_flight().iter() {
             if key.0 == slot && key.1 == generation {

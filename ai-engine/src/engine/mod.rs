@@ -19,7 +19,10 @@ use tokio_util::sync::CancellationToken;
 use crate::completion::inflight::{
     GenerationOrigin, GenerationState, InflightGenerations, Subscription,
 };
-use crate::completion::{self, CacheScope, CompletionCache, CompletionFilter, ContextBudget};
+use crate::completion::{
+    self, CacheScope, CompletionCache, CompletionFilter, ContextBudget, RelatedContext,
+    SnippetPlacement, WorkspaceLimits, WorkspaceStore,
+};
 use crate::config::{EngineConfig, ProfileConfig};
 use crate::provider::{
     ChatRole, ChatTurn, GenerationEvent, GenerationRequest, Prompt, Provider, ProviderError,
@@ -33,6 +36,8 @@ const DEFAULT_COMPLETION_TOKENS: u32 = 128;
 const DEFAULT_CHAT_TOKENS: u32 = 1024;
 const DEFAULT_COMPLETION_TEMPERATURE: f32 = 0.0;
 const DEFAULT_CHAT_TEMPERATURE: f32 = 0.7;
+/// Provider kind whose API takes other files as separate chunks (llama.cpp `/infill` `input_extra`).
+const EXTRA_CONTEXT_PROVIDER_KIND: &str = "llama-cpp";
 
 /// Where generated text goes (a transport stream, stdout, a test vector).
 pub trait TextSink: Send {
@@ -145,10 +150,30 @@ impl Engine {
         }
     }
 
+    /// An empty store for one client's open documents, bounded by `[context]`.
+    pub fn new_workspace(&self) -> WorkspaceStore {
+        WorkspaceStore::new(WorkspaceLimits {
+            max_documents: self.config.context.max_documents,
+            max_document_bytes: self.config.context.max_document_bytes,
+            ..WorkspaceLimits::default()
+        })
+    }
+
     /// One fill-in-the-middle completion, streamed into `sink` as it is decided.
     pub async fn complete<S: TextSink>(
         &self,
         request: CompletionRequest,
+        sink: &mut S,
+        cancel: &CancellationToken,
+    ) -> Result<Outcome, EngineError> {
+        self.complete_in(request, None, sink, cancel).await
+    }
+
+    /// [`Engine::complete`] with snippets of the client's other open documents from `workspace`.
+    pub async fn complete_in<S: TextSink>(
+        &self,
+        request: CompletionRequest,
+        workspace: Option<&Mutex<WorkspaceStore>>,
         sink: &mut S,
         cancel: &CancellationToken,
     ) -> Result<Outcome, EngineError> {
@@ -166,13 +191,36 @@ impl Engine {
             .temperature
             .or(request.temperature)
             .unwrap_or(DEFAULT_COMPLETION_TEMPERATURE);
-        let mut prepared = completion::prepare_completion(
-            &request,
-            plan.style.clone(),
-            ContextBudget::default(),
-            max_tokens,
-            temperature,
-        );
+        let extra_tokens = self.config.context.effective_extra_tokens();
+        let mut prepared = match workspace.filter(|_| extra_tokens > 0) {
+            Some(workspace) => {
+                let store = workspace.lock().unwrap_or_else(|p| p.into_inner());
+                let placement = if provider.kind() == EXTRA_CONTEXT_PROVIDER_KIND {
+                    SnippetPlacement::ExtraContext
+                } else {
+                    SnippetPlacement::Prompt
+                };
+                completion::prepare_completion_with(
+                    &request,
+                    plan.style.clone(),
+                    ContextBudget::default(),
+                    max_tokens,
+                    temperature,
+                    Some(RelatedContext {
+                        store: &store,
+                        extra_tokens,
+                        placement,
+                    }),
+                )
+            }
+            None => completion::prepare_completion(
+                &request,
+                plan.style.clone(),
+                ContextBudget::default(),
+                max_tokens,
+                temperature,
+            ),
+        };
         plan.attach_fallback(&mut prepared);
         let trimmed = &prepared.context;
         let scope = CacheScope::new(

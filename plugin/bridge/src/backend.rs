@@ -1,8 +1,10 @@
 //! The engine interface the bridge completes against: a request in, a stream of text chunks out.
 
-use futures::{future::BoxFuture, stream::BoxStream};
+use futures::{future::BoxFuture, stream::BoxStream, FutureExt};
 
-pub use lapce_ai_transport::protocol::{CompletionMode, CompletionRequest};
+pub use lapce_ai_transport::protocol::{
+    CompletionMode, CompletionRequest, DocumentClosed, DocumentSync,
+};
 
 /// What kind of failure a backend reports; decides the message the user sees.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -87,4 +89,31 @@ pub trait CompletionBackend: Send + Sync + 'static {
 
     /// Applies changed engine settings (endpoint, engine binary). Default: nothing to do.
     fn reconfigure(&self, _settings: &EngineSettings) {}
+
+    /// The engine connection up right now, without connecting; `None` when there is none. Default: none
+    /// (the backend keeps no documents).
+    fn connection(&self) -> BoxFuture<'static, Option<ConnectionId>> {
+        async { None }.boxed()
+    }
+
+    /// Sends a document notification on the connection that is up right now (fire and forget) and says which
+    /// connection took it; `None` = dropped (not connected, or the send failed).
+    fn send_document(&self, _notice: DocumentNotice) -> BoxFuture<'static, Option<ConnectionId>> {
+        async { None }.boxed()
+    }
+}
+
+/// Names one engine connection: a different value means a new engine-side document store (it starts empty).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConnectionId {
+    pub server_pid: u32,
+    pub slot: u32,
+    pub generation: u64,
+}
+
+/// What the bridge tells the engine about open documents (for context from other files).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DocumentNotice {
+    Sync(DocumentSync),
+    Closed(DocumentClosed),
 }

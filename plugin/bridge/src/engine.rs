@@ -7,13 +7,13 @@ use std::time::Duration;
 use futures::{FutureExt, StreamExt};
 use lapce_ai_transport::protocol::ErrorCode;
 use lapce_ai_transport::{
-    autostart, ClientOptions, Endpoint, ReconnectingClient, ResponseStream, StreamEvent,
-    TransportError,
+    autostart, AsyncClient, ClientOptions, Endpoint, ReconnectingClient, ResponseStream,
+    StreamEvent, TransportError,
 };
 
 use crate::backend::{
     BackendError, BackendErrorKind, CompletionBackend, CompletionRequest, CompletionStream,
-    EngineSettings,
+    ConnectionId, DocumentNotice, EngineSettings,
 };
 
 /// How long one request may wait for an engine to start (the engine itself is ready in milliseconds; the
@@ -93,12 +93,48 @@ impl CompletionBackend for EngineBackend {
         .boxed()
     }
 
+    fn connection(&self) -> futures::future::BoxFuture<'static, Option<ConnectionId>> {
+        let client = self.state().client.clone();
+        async move { Some(connection_id(&client?.current().await?)) }.boxed()
+    }
+
+    fn send_document(
+        &self,
+        notice: DocumentNotice,
+    ) -> futures::future::BoxFuture<'static, Option<ConnectionId>> {
+        let client = self.state().client.clone();
+        async move {
+            let connection = client?.current().await?;
+            let sent = match &notice {
+                DocumentNotice::Sync(sync) => connection.notify(sync).await,
+                DocumentNotice::Closed(closed) => connection.notify(closed).await,
+            };
+            match sent {
+                Ok(()) => Some(connection_id(&connection)),
+                Err(e) => {
+                    tracing::debug!(error = %e, "document notice not sent");
+                    None
+                }
+            }
+        }
+        .boxed()
+    }
+
     fn reconfigure(&self, settings: &EngineSettings) {
         let mut state = self.state();
         if state.settings != *settings {
             state.settings = settings.clone();
             state.client = None;
         }
+    }
+}
+
+fn connection_id(connection: &AsyncClient) -> ConnectionId {
+    let info = connection.info();
+    ConnectionId {
+        server_pid: info.server_pid,
+        slot: info.slot,
+        generation: info.generation,
     }
 }
 

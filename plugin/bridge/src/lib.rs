@@ -1,6 +1,7 @@
 //! lapce-ai-lsp: the editor-side bridge between Lapce (LSP over stdio) and the ai-engine daemon.
 
 pub mod backend;
+pub mod context_sync;
 pub mod debounce;
 pub mod document;
 pub mod engine;

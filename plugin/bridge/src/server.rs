@@ -26,6 +26,7 @@ use tokio::{sync::mpsc, task::JoinHandle};
 
 use crate::{
     backend::{BackendError, CompletionBackend, CompletionRequest},
+    context_sync::{byte_edit, document_path, ContextSync},
     debounce::Rhythm,
     document::{ContextLimits, Document},
     settings::Settings,
@@ -57,6 +58,7 @@ pub async fn run(connection: Connection, backend: Arc<dyn CompletionBackend>) {
     let mut server = Server {
         out: connection.sender.clone(),
         events: events_tx,
+        context: ContextSync::start(Arc::clone(&backend)),
         backend,
         settings: Settings::default(),
         state: State::Uninitialized,
@@ -109,6 +111,8 @@ struct Server {
     out: Sender<Message>,
     events: mpsc::UnboundedSender<Event>,
     backend: Arc<dyn CompletionBackend>,
+    /// Tells the engine about open documents, in the background.
+    context: ContextSync,
     settings: Settings,
     state: State,
     docs: HashMap<Url, Document>,
@@ -234,8 +238,11 @@ impl Server {
                 match serde_json::from_value::<DidOpenTextDocumentParams>(n.params) {
                     Ok(p) => {
                         let d = p.text_document;
-                        self.docs
-                            .insert(d.uri, Document::new(d.language_id, d.version, &d.text));
+                        let doc = Document::new(d.language_id, d.version, &d.text);
+                        let path = document_path(&d.uri);
+                        self.context
+                            .opened(path, &doc.language_id, doc.version, &doc.text);
+                        self.docs.insert(d.uri, doc);
                     }
                     Err(err) => tracing::warn!(%err, "bad didOpen"),
                 }
@@ -250,6 +257,7 @@ impl Server {
                 match serde_json::from_value::<DidCloseTextDocumentParams>(n.params) {
                     Ok(p) => {
                         let uri = p.text_document.uri;
+                        self.context.closed(&document_path(&uri));
                         self.supersede(&uri, "document closed");
                         self.docs.remove(&uri);
                         self.rhythm.remove(&uri);
@@ -279,11 +287,21 @@ impl Server {
             return;
         };
         doc.version = p.text_document.version;
+        // The engine's copy gets the same edits as byte ranges, or the whole text if one does not apply.
+        let mut edits = Some(Vec::with_capacity(p.content_changes.len()));
         for change in &p.content_changes {
+            let edit = byte_edit(&doc.text, change);
             if let Err(err) = doc.apply(change) {
                 tracing::warn!(%uri, %err, "document out of sync; ignoring the edit");
+                edits = None;
             }
+            edits = edits.zip(edit).map(|(mut all, edit)| {
+                all.push(edit);
+                all
+            });
         }
+        self.context
+            .changed(&document_path(&uri), doc.version, &doc.text, edits);
     }
 
     fn apply_settings(&mut self, settings: Settings) {
@@ -346,10 +364,8 @@ impl Server {
             self.respond_ok(req.id, json!([]));
             return;
         };
-        let file_path = uri
-            .to_file_path()
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|()| uri.to_string());
+        let file_path = document_path(&uri);
+        self.context.poke();
         let request = CompletionRequest {
             profile: self.settings.profile.clone(),
             language_id: doc.language_id.clone(),
@@ -384,6 +400,8 @@ impl Server {
     }
 
     fn on_done(&mut self, id: RequestId, outcome: Result<String, BackendError>) {
+        // The completion may have connected (or started) the engine: sync the documents now.
+        self.context.poke();
         if self.inflight.remove(&id).is_none() {
             return; // Already answered (superseded, cancelled or disabled).
         }

@@ -224,3 +224,100 @@ fn real_engine_burst_engine_kill_and_bridge_kill() {
     );
     sandbox.assert_clean();
 }
+
+/// Types one character at the end of line 1 of `main.rs` and asks for a completion there; returns the body the
+/// provider received for it (each keystroke changes the prefix, so the engine's cache never answers).
+fn keystroke_body(
+    bridge: &mut Client,
+    fake: &FakeOpenAi,
+    uri: &str,
+    typed: &mut String,
+    version: &mut i32,
+) -> String {
+    let column = "    let x = ".len() as u32 + typed.len() as u32;
+    *version += 1;
+    bridge.change(uri, *version, (1, column), (1, column), "s");
+    typed.push('s');
+    let before = fake.bodies.lock().unwrap().len();
+    let id = bridge.inline(uri, (1, column + 1), 1);
+    let response = bridge.response(id, T);
+    assert!(!is_error(&response), "{response}\n{}", bridge.log());
+    let bodies = fake.bodies.lock().unwrap();
+    assert_eq!(bodies.len(), before + 1, "{}", bridge.log());
+    bodies[before].clone()
+}
+
+#[test]
+fn the_engine_sees_definitions_and_edits_from_other_open_documents() {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let fake = runtime.block_on(FakeOpenAi::start(Script {
+        pieces: vec!["3)".into()],
+        delay: Duration::from_millis(1),
+    }));
+    let sandbox = Sandbox::new("bridge-context", &fake.base_url());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut bridge = Client::spawn_in(dir, &sandbox.envs());
+    bridge.initialize(Some(json!({
+        "endpoint": sandbox.endpoint,
+        "engine-path": engine_binary().display().to_string(),
+    })));
+    let util = bridge.uri("util.rs");
+    bridge.open(
+        &util,
+        "rust",
+        "pub fn scale_total(total: u32) -> u32 {\n    total * 3\n}\n",
+    );
+    let main = bridge.uri("main.rs");
+    bridge.open(&main, "rust", "fn main() {\n    let x = \n}\n");
+    let (mut typed, mut version) = (String::new(), 0);
+
+    // The first completion starts the engine; the documents follow in the background right after.
+    let deadline = Instant::now() + T;
+    let body = loop {
+        let body = keystroke_body(&mut bridge, &fake, &main, &mut typed, &mut version);
+        if body.contains("scale_total") || Instant::now() > deadline {
+            break body;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let sent: serde_json::Value = serde_json::from_str(&body).expect("json body");
+    let prompt = sent["prompt"].as_str().expect("prompt");
+    assert!(
+        prompt.starts_with(
+            "// Path: util.rs\n// pub fn scale_total(total: u32) -> u32 {\n//     total * 3\n// }\n"
+        ),
+        "{prompt}\n{}",
+        bridge.log()
+    );
+    assert!(
+        prompt.ends_with(&format!("fn main() {{\n    let x = {typed}")),
+        "{prompt}"
+    );
+
+    // An edit in util.rs travels as a byte range and shows up as a recently edited place.
+    bridge.change(&util, 1, (1, 4), (1, 4), "2 + ");
+    let deadline = Instant::now() + T;
+    let prompt = loop {
+        let body = keystroke_body(&mut bridge, &fake, &main, &mut typed, &mut version);
+        let sent: serde_json::Value = serde_json::from_str(&body).expect("json body");
+        let prompt = sent["prompt"].as_str().expect("prompt").to_owned();
+        if prompt.contains("2 + total") || Instant::now() > deadline {
+            break prompt;
+        }
+    };
+    assert!(
+        prompt.contains("//     2 + total * 3\n"),
+        "{prompt}\n{}",
+        bridge.log()
+    );
+
+    bridge.child.kill().expect("kill bridge");
+    bridge.child.wait().expect("reap bridge");
+    let stop = sandbox.cli(&["stop"]);
+    assert!(
+        stop.status.success(),
+        "{}",
+        String::from_utf8_lossy(&stop.stderr)
+    );
+    sandbox.assert_clean();
+}

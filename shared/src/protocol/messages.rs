@@ -62,6 +62,10 @@ registry! {
     Cancel = 18,
     /// Receiver -> sender: the receiver consumed `bytes` of stream `request_id`; the sender may send that much more.
     Credit = 19,
+    /// Client -> server notification (no reply): an open document's full text or its latest edits.
+    DocumentSync = 20,
+    /// Client -> server notification (no reply): a document was closed.
+    DocumentClosed = 21,
     /// Server -> client: the next piece of a response stream.
     StreamChunk = 32,
     /// Server -> client: the stream ended normally (or cancelled); terminal.
@@ -233,6 +237,51 @@ pub struct Cancel {
     pub request_id: u64,
 }
 
+/// One edit of a document: replace bytes `start..end` (UTF-8 offsets into the text as it was before this
+/// edit) with `text`.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[rkyv(derive(Debug))]
+pub struct ByteEdit {
+    pub start: u64,
+    pub end: u64,
+    /// UTF-8 text; anything else is refused by the engine.
+    pub text: Vec<u8>,
+}
+
+/// What a [`DocumentSync`] carries: the whole text (on open, after a reconnect or when edits piled up) or
+/// the edits since the version the engine has.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[rkyv(derive(Debug))]
+pub enum DocumentContent {
+    /// The whole document, UTF-8 (anything else is refused by the engine).
+    Full(Vec<u8>),
+    /// Edits applied in order to version `base_version`; a receiver holding another version drops the document.
+    Edits {
+        base_version: i32,
+        edits: Vec<ByteEdit>,
+    },
+}
+
+/// Client -> server: a document the editor has open, so completions can use it as context. Fire and forget.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[rkyv(derive(Debug))]
+pub struct DocumentSync {
+    /// The document's path, spelled as in [`CompletionRequest::file_path`].
+    pub path: String,
+    /// LSP language id; may be empty.
+    pub language_id: String,
+    /// The editor's version after this change.
+    pub version: i32,
+    pub content: DocumentContent,
+}
+
+/// Client -> server: the editor closed `path`. Fire and forget.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[rkyv(derive(Debug))]
+pub struct DocumentClosed {
+    pub path: String,
+}
+
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 #[rkyv(derive(Debug))]
 pub struct Credit {
@@ -313,3 +362,63 @@ pub struct StatusReply {
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
 #[rkyv(derive(Debug))]
 pub struct Shutdown {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip<M>(message: &M) -> M
+    where
+        M: Message,
+        M::Archived: for<'a> rkyv::bytecheck::CheckBytes<
+                rkyv::api::high::HighValidator<'a, rkyv::rancor::Error>,
+            > + rkyv::Deserialize<M, rkyv::api::high::HighDeserializer<rkyv::rancor::Error>>,
+    {
+        let bytes = super::super::encode(message).expect("encode");
+        let archived = super::super::decode::<M>(&bytes).expect("decode");
+        rkyv::deserialize::<M, rkyv::rancor::Error>(archived).expect("deserialize")
+    }
+
+    #[test]
+    fn document_messages_round_trip_with_their_codes() {
+        assert_eq!(MessageType::from_code(20), Some(MessageType::DocumentSync));
+        assert_eq!(
+            MessageType::from_code(21),
+            Some(MessageType::DocumentClosed)
+        );
+        assert_eq!(DocumentSync::TYPE.code(), 20);
+        assert_eq!(DocumentClosed::TYPE.name(), "DocumentClosed");
+        let full = DocumentSync {
+            path: "/src/lib.rs".into(),
+            language_id: "rust".into(),
+            version: 3,
+            content: DocumentContent::Full("fn main() {}\n".as_bytes().to_vec()),
+        };
+        assert_eq!(round_trip(&full), full);
+        let edits = DocumentSync {
+            path: "/src/lib.rs".into(),
+            language_id: "rust".into(),
+            version: 5,
+            content: DocumentContent::Edits {
+                base_version: 3,
+                edits: vec![
+                    ByteEdit {
+                        start: 3,
+                        end: 7,
+                        text: b"start".to_vec(),
+                    },
+                    ByteEdit {
+                        start: 0,
+                        end: 0,
+                        text: "// é\n".as_bytes().to_vec(),
+                    },
+                ],
+            },
+        };
+        assert_eq!(round_trip(&edits), edits);
+        let closed = DocumentClosed {
+            path: "/src/lib.rs".into(),
+        };
+        assert_eq!(round_trip(&closed), closed);
+    }
+}
