@@ -5,11 +5,12 @@ use std::sync::Arc;
 use reqwest::header::HeaderName;
 use serde_json::{json, Value};
 
+use super::http::u32_field;
 use super::http::{
     error_stream, expect_kind, generation_stream, parse_json, EventStream, FrameDecoder, Framing,
     HttpEndpoint,
 };
-use super::openai_wire::{stream_error, u32_field};
+use super::openai_wire::stream_error;
 use super::{
     ChatRole, GenerationEvent, GenerationRequest, Prompt, Provider, ProviderError, StopReason,
     TokenUsage,

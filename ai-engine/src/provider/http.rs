@@ -10,7 +10,7 @@ use futures::stream::{self, BoxStream, StreamExt};
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use reqwest::{RequestBuilder, Response, StatusCode, Url};
 
-use super::{GenerationEvent, GenerationRequest, ProviderError};
+use super::{GenerationEvent, GenerationRequest, ProviderError, StopReason, TokenUsage};
 use crate::config::{ApiKey, ConfigError, ProfileConfig, ProviderKind};
 
 /// The stream type every provider returns.
@@ -502,6 +502,47 @@ fn decode_frames<D: FrameDecoder>(frames: Frames, decoder: D) -> EventStream {
         }
     })
     .boxed()
+}
+
+/// A number field as `u32` (0 when absent, saturating when too large).
+pub(crate) fn u32_field(value: &serde_json::Value, key: &str) -> u32 {
+    value
+        .get(key)
+        .and_then(serde_json::Value::as_u64)
+        .map(|n| u32::try_from(n).unwrap_or(u32::MAX))
+        .unwrap_or(0)
+}
+
+/// How a JSON-lines or SSE wire format marks its last chunk: a boolean flag, a stop-reason field (and the value
+/// that means the token limit), and the token counts.
+pub(crate) struct FinalChunk {
+    pub flag: &'static str,
+    pub reason: &'static str,
+    pub length_reason: &'static str,
+    pub prompt_tokens: &'static str,
+    pub completion_tokens: &'static str,
+}
+
+impl FinalChunk {
+    /// The `Finished` event when `chunk` has the flag set.
+    pub(crate) fn event(&self, chunk: &serde_json::Value) -> Option<GenerationEvent> {
+        if chunk.get(self.flag).and_then(serde_json::Value::as_bool) != Some(true) {
+            return None;
+        }
+        let length =
+            chunk.get(self.reason).and_then(serde_json::Value::as_str) == Some(self.length_reason);
+        Some(GenerationEvent::Finished {
+            reason: if length {
+                StopReason::Length
+            } else {
+                StopReason::Stop
+            },
+            usage: TokenUsage {
+                prompt_tokens: u32_field(chunk, self.prompt_tokens),
+                completion_tokens: u32_field(chunk, self.completion_tokens),
+            },
+        })
+    }
 }
 
 /// Parses one JSON frame, naming the provider in the error.

@@ -7,12 +7,10 @@ use serde_json::{json, Value};
 
 use super::fim::{or_fallback, FallbackStream, NativeFimState};
 use super::http::{
-    error_stream, expect_kind, generation_stream, parse_json, EventStream, FrameDecoder, Framing,
-    HttpEndpoint,
+    error_stream, expect_kind, generation_stream, parse_json, EventStream, FinalChunk,
+    FrameDecoder, Framing, HttpEndpoint,
 };
-use super::openai_wire::{
-    bearer_auth, chat_completions_body, stream_error, u32_field, OpenAiDecoder,
-};
+use super::openai_wire::{bearer_auth, chat_completions_body, stream_error, OpenAiDecoder};
 use super::{
     ContextChunk, GenerationEvent, GenerationRequest, Prompt, Provider, ProviderError, StopReason,
     TokenUsage,
@@ -217,6 +215,15 @@ fn completion_stream(
 
 /// Decodes llama.cpp's native stream: `data: {"content": "...", "stop": false}` chunks, then one with
 /// `"stop": true`, `stop_type` (`eos`, `word`, `limit`) and token counts.
+/// llama.cpp's last chunk: `"stop": true`, `stop_type` (`eos`, `word`, `limit`), token counts.
+const LLAMA_CPP_FINAL: FinalChunk = FinalChunk {
+    flag: "stop",
+    reason: "stop_type",
+    length_reason: "limit",
+    prompt_tokens: "tokens_evaluated",
+    completion_tokens: "tokens_predicted",
+};
+
 struct LlamaCppDecoder {
     endpoint: Arc<HttpEndpoint>,
 }
@@ -256,18 +263,8 @@ impl FrameDecoder for LlamaCppDecoder {
         {
             out.push(GenerationEvent::Text(text.to_string()));
         }
-        if chunk.get("stop").and_then(Value::as_bool) == Some(true) {
-            let reason = match chunk.get("stop_type").and_then(Value::as_str) {
-                Some("limit") => StopReason::Length,
-                _ => StopReason::Stop,
-            };
-            out.push(GenerationEvent::Finished {
-                reason,
-                usage: TokenUsage {
-                    prompt_tokens: u32_field(&chunk, "tokens_evaluated"),
-                    completion_tokens: u32_field(&chunk, "tokens_predicted"),
-                },
-            });
+        if let Some(finished) = LLAMA_CPP_FINAL.event(&chunk) {
+            out.push(finished);
             return Ok(true);
         }
         Ok(false)

@@ -10,12 +10,11 @@ use tokio::sync::OnceCell;
 
 use super::fim::{is_suffix_rejection, or_fallback, FallbackStream, NativeFimState};
 use super::http::{
-    expect_kind, generation_stream, parse_json, EventStream, FrameDecoder, Framing, HttpEndpoint,
+    expect_kind, generation_stream, parse_json, EventStream, FinalChunk, FrameDecoder, Framing,
+    HttpEndpoint,
 };
-use super::openai_wire::{bearer_auth, chat_messages, u32_field};
-use super::{
-    GenerationEvent, GenerationRequest, Prompt, Provider, ProviderError, StopReason, TokenUsage,
-};
+use super::openai_wire::{bearer_auth, chat_messages};
+use super::{GenerationEvent, GenerationRequest, Prompt, Provider, ProviderError};
 use crate::config::{ConfigError, ProfileConfig, ProviderKind};
 
 /// A model served by Ollama (default `http://127.0.0.1:11434`). An API key is optional and sent as a bearer
@@ -196,6 +195,15 @@ impl Provider for OllamaProvider {
     }
 }
 
+/// Ollama's last line: `"done": true`, `done_reason`, `prompt_eval_count` / `eval_count`.
+const OLLAMA_FINAL: FinalChunk = FinalChunk {
+    flag: "done",
+    reason: "done_reason",
+    length_reason: "length",
+    prompt_tokens: "prompt_eval_count",
+    completion_tokens: "eval_count",
+};
+
 struct OllamaDecoder {
     endpoint: Arc<HttpEndpoint>,
 }
@@ -228,18 +236,8 @@ impl FrameDecoder for OllamaDecoder {
         if let Some(text) = text.filter(|t| !t.is_empty()) {
             out.push(GenerationEvent::Text(text.to_string()));
         }
-        if line.get("done").and_then(Value::as_bool) == Some(true) {
-            let reason = match line.get("done_reason").and_then(Value::as_str) {
-                Some("length") => StopReason::Length,
-                _ => StopReason::Stop,
-            };
-            out.push(GenerationEvent::Finished {
-                reason,
-                usage: TokenUsage {
-                    prompt_tokens: u32_field(&line, "prompt_eval_count"),
-                    completion_tokens: u32_field(&line, "eval_count"),
-                },
-            });
+        if let Some(finished) = OLLAMA_FINAL.event(&line) {
+            out.push(finished);
             return Ok(true);
         }
         Ok(false)

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use reqwest::header::AUTHORIZATION;
 use serde_json::{json, Value};
 
-use super::http::{parse_json, FrameDecoder, HttpEndpoint};
+use super::http::{parse_json, u32_field, FrameDecoder, HttpEndpoint};
 use super::{
     ChatRole, ChatTurn, GenerationEvent, GenerationRequest, ProviderError, StopReason, TokenUsage,
 };
@@ -155,14 +155,6 @@ impl FrameDecoder for OpenAiDecoder {
             ))
         }
     }
-}
-
-pub(crate) fn u32_field(value: &Value, key: &str) -> u32 {
-    value
-        .get(key)
-        .and_then(Value::as_u64)
-        .map(|n| u32::try_from(n).unwrap_or(u32::MAX))
-        .unwrap_or(0)
 }
 
 /// Classifies an error object received inside a stream (`{"type"/"code"/"status": .., "message": ..}`).
