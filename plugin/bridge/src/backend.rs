@@ -2,7 +2,7 @@
 
 use futures::{future::BoxFuture, stream::BoxStream};
 
-pub use lapce_ai_transport::protocol::{CompletionMode, CompletionRequest};
+pub use lapce_ai_transport::protocol::{CompletionMode, CompletionRequest, Prefill};
 
 /// What kind of failure a backend reports; decides the message the user sees.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -84,6 +84,12 @@ pub trait CompletionBackend: Send + Sync + 'static {
         &self,
         request: CompletionRequest,
     ) -> BoxFuture<'static, Result<CompletionStream, BackendError>>;
+
+    /// Warms the engine's cache for a document; resolves when the engine is done. Dropping the future
+    /// cancels it. Default: nothing to warm.
+    fn prefill(&self, _request: Prefill) -> BoxFuture<'static, Result<(), BackendError>> {
+        Box::pin(async { Ok(()) })
+    }
 
     /// Applies changed engine settings (endpoint, engine binary). Default: nothing to do.
     fn reconfigure(&self, _settings: &EngineSettings) {}

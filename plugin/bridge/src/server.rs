@@ -25,9 +25,10 @@ use serde_json::{json, Value};
 use tokio::{sync::mpsc, task::JoinHandle};
 
 use crate::{
-    backend::{BackendError, CompletionBackend, CompletionRequest},
+    backend::{BackendError, CompletionBackend, CompletionRequest, Prefill},
     debounce::Rhythm,
-    document::{ContextLimits, Document},
+    document::{position_of, ContextLimits, Document},
+    prefill::Prefiller,
     settings::Settings,
 };
 
@@ -64,6 +65,7 @@ pub async fn run(connection: Connection, backend: Arc<dyn CompletionBackend>) {
         rhythm: HashMap::new(),
         inflight: HashMap::new(),
         errors: ErrorNotifier::default(),
+        prefills: Prefiller::default(),
     };
     while let Some(event) = events.recv().await {
         let keep_going = match event {
@@ -116,6 +118,7 @@ struct Server {
     /// Unanswered inline completion requests; whoever removes an entry answers it.
     inflight: HashMap<RequestId, Inflight>,
     errors: ErrorNotifier,
+    prefills: Prefiller,
 }
 
 impl Server {
@@ -234,8 +237,11 @@ impl Server {
                 match serde_json::from_value::<DidOpenTextDocumentParams>(n.params) {
                     Ok(p) => {
                         let d = p.text_document;
-                        self.docs
-                            .insert(d.uri, Document::new(d.language_id, d.version, &d.text));
+                        self.docs.insert(
+                            d.uri.clone(),
+                            Document::new(d.language_id, d.version, &d.text),
+                        );
+                        self.prefill(d.uri);
                     }
                     Err(err) => tracing::warn!(%err, "bad didOpen"),
                 }
@@ -250,6 +256,7 @@ impl Server {
                 match serde_json::from_value::<DidCloseTextDocumentParams>(n.params) {
                     Ok(p) => {
                         let uri = p.text_document.uri;
+                        self.prefills.stop(&uri);
                         self.supersede(&uri, "document closed");
                         self.docs.remove(&uri);
                         self.rhythm.remove(&uri);
@@ -284,6 +291,29 @@ impl Server {
                 tracing::warn!(%uri, %err, "document out of sync; ignoring the edit");
             }
         }
+        if self.prefills.is_active(&uri) {
+            self.prefill(uri);
+        }
+    }
+
+    /// Schedules a prefill of `uri` with the cursor at its end (where an opened file is most often extended).
+    fn prefill(&mut self, uri: Url) {
+        let Some(doc) = self.docs.get(&uri).filter(|_| self.settings.enabled) else {
+            return;
+        };
+        let end = position_of(&doc.text, doc.text.len_chars());
+        let Some(ctx) = doc.context(end, ContextLimits::default()) else {
+            return;
+        };
+        let request = Prefill {
+            profile: self.settings.profile.clone(),
+            language_id: doc.language_id.clone(),
+            file_path: file_path_of(&uri),
+            prefix: ctx.prefix,
+            suffix: ctx.suffix,
+        };
+        self.prefills
+            .schedule(uri, request, Arc::clone(&self.backend));
     }
 
     fn apply_settings(&mut self, settings: Settings) {
@@ -317,6 +347,7 @@ impl Server {
     }
 
     fn abort_all(&mut self) {
+        self.prefills.stop_all();
         for (_, entry) in self.inflight.drain() {
             entry.task.abort();
         }
@@ -331,6 +362,7 @@ impl Server {
             }
         };
         let uri = params.text_document_position.text_document.uri;
+        self.prefills.stop(&uri);
         self.supersede(&uri, "superseded by a newer inline completion request");
         if !self.settings.enabled {
             self.respond_ok(req.id, json!([]));
@@ -346,10 +378,7 @@ impl Server {
             self.respond_ok(req.id, json!([]));
             return;
         };
-        let file_path = uri
-            .to_file_path()
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|()| uri.to_string());
+        let file_path = file_path_of(&uri);
         let request = CompletionRequest {
             profile: self.settings.profile.clone(),
             language_id: doc.language_id.clone(),
@@ -410,6 +439,13 @@ impl Server {
             }
         }
     }
+}
+
+/// The file path of `uri` for the engine (the URI itself when it is not a file).
+fn file_path_of(uri: &Url) -> String {
+    uri.to_file_path()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|()| uri.to_string())
 }
 
 /// Asks the backend and gathers the text, stopping (dropping the stream) once `max_lines` are in.
