@@ -469,7 +469,7 @@ async fn completions_go_before_a_running_chat() {
                 content: "Write a long story about a robot.".to_string(),
             }],
         },
-        max_tokens: 300,
+        max_tokens: 60,
         temperature: 0.0,
         stop: vec![],
         extra_context: vec![],

@@ -79,7 +79,7 @@ pub(super) fn run(
     };
     let _ = shared.model.set(Arc::clone(&model));
     let cpu = CpuPicture::read();
-    let threads = cpu.decode_threads(options.threads);
+    let threads = cpu.decode_threads(options.threads, cfg!(feature = "openmp"));
     let documents = options.documents.clamp(1, 64);
     let n_ctx = options
         .context_tokens
