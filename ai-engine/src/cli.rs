@@ -224,8 +224,10 @@ fn models_command(command: ModelsCommand) -> ExitCode {
                     || "size unknown".to_owned(),
                     |b| format!("{:.0} MB", b as f64 / 1e6),
                 );
-                let default = if entry.name == models::DEFAULT_MODEL {
+                let default = if entry.name == models::default_entry().name {
                     " (default)"
+                } else if entry.name == models::FALLBACK_MODEL {
+                    " (offline fallback)"
                 } else {
                     ""
                 };
@@ -510,6 +512,12 @@ fn print_status(status: &StatusReply, json: bool) {
             "cache_hits": status.cache_hits,
             "time_to_first_token_ms": { "p50": ms(status.time_to_first_token_p50_us), "p95": ms(status.time_to_first_token_p95_us) },
             "total_ms": { "p50": ms(status.total_p50_us), "p95": ms(status.total_p95_us) },
+            "local_model": {
+                "state": status.model_state,
+                "cpu": status.cpu_backend,
+                "gpu": status.gpu_backend,
+                "note": status.model_note,
+            },
         });
         println!("{value:#}");
         return;
@@ -530,6 +538,18 @@ fn print_status(status: &StatusReply, json: bool) {
         "  chat         {} · {}",
         status.chat_provider, status.chat_model
     );
+    if !status.model_state.is_empty() {
+        println!("  local model  {}", status.model_state);
+        let gpu = if status.gpu_backend.is_empty() {
+            "no GPU backend"
+        } else {
+            status.gpu_backend.as_str()
+        };
+        println!("  hardware     {} · {gpu}", status.cpu_backend);
+    }
+    if !status.model_note.is_empty() {
+        println!("  note         {}", status.model_note);
+    }
     println!("  connections  {}", status.connections);
     println!(
         "  requests     {} ({} cancelled, {} failed, {} cache hits)",

@@ -55,8 +55,9 @@ use toml::Spanned;
 
 use crate::completion::template::{CustomFimTemplate, FimTemplate, PromptPlan, PromptStyle};
 
-/// Catalog name of the model the built-in `embedded` profile uses.
-pub const DEFAULT_EMBEDDED_MODEL: &str = "smollm2-135m-instruct-q4_1";
+/// Catalog name of the model the built-in `embedded` profile uses: the recommended code model when downloaded,
+/// else the offline fallback (see `models::catalog`).
+pub const DEFAULT_EMBEDDED_MODEL: &str = crate::models::DEFAULT_MODEL;
 /// Name of the built-in profile used when the file names no other.
 pub const DEFAULT_PROFILE: &str = "embedded";
 /// Default TCP connect timeout.

@@ -46,7 +46,7 @@ fn defaults_without_a_file() {
     let profile = config.completion();
     assert_eq!(profile.kind, ProviderKind::Embedded);
     assert_eq!(profile.model, DEFAULT_EMBEDDED_MODEL);
-    assert_eq!(profile.model, "smollm2-135m-instruct-q4_1");
+    assert_eq!(profile.model, "default");
     assert_eq!(config.chat(), profile);
     assert_eq!(config.cache.entries, 100);
     assert_eq!(config.cache.ttl, Duration::from_secs(300));

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use ai_engine::models::default_entry;
+use ai_engine::models::fallback_entry;
 use ai_engine::provider::embedded::{EmbeddedOptions, EmbeddedProvider, RequestMetrics};
 use ai_engine::provider::{
     ChatRole, ChatTurn, GenerationEvent, GenerationRequest, Prompt, Provider, ProviderError,
@@ -19,7 +19,7 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const LIMIT: Duration = Duration::from_secs(120);
 
 fn model_path() -> PathBuf {
-    let file = default_entry().file_name;
+    let file = fallback_entry().file_name;
     let path = match std::env::var_os("LAPCE_AI_TEST_MODEL").filter(|v| !v.is_empty()) {
         Some(p) => PathBuf::from(p),
         None => {
@@ -340,5 +340,214 @@ async fn load_failures_are_errors_not_panics() {
     match collect(p.generate(raw("x", 4))).await {
         Err(ProviderError::ModelMissing(m)) => assert!(m.contains("ai-engine models pull"), "{m}"),
         other => panic!("expected ModelMissing, got {:?}", other.map(|o| o.text)),
+    }
+}
+
+/// A distinct ~600-token Python file per `seed`.
+fn document(seed: usize) -> String {
+    let mut s = format!("# document {seed}\nimport math\n\n");
+    for i in 0..22 {
+        s.push_str(&format!(
+            "def f{seed}_{i}(r):\n    \"\"\"Value {i} of document {seed}.\"\"\"\n    return math.pi * r * {i} + {seed}\n\n"
+        ));
+    }
+    s
+}
+
+async fn run(p: &EmbeddedProvider, request: GenerationRequest) -> RequestMetrics {
+    let (s, rx) = p.generate_with_metrics(request);
+    collect(s).await.expect("completes");
+    metrics(rx).await
+}
+
+#[tokio::test]
+async fn each_document_keeps_its_own_kv_sequence() {
+    let _serial = SERIAL.lock().await;
+    let p = provider().await;
+    let (a, b, c) = (document(1), document(2), document(3));
+    for doc in [&a, &b, &c] {
+        let m = run(&p, raw(doc, 2)).await;
+        assert!(m.reused_tokens <= 1, "a new document starts cold: {m:?}");
+    }
+    // Returning to A after B and C: its sequence is still there.
+    let back = run(&p, raw(&format!("{a}def g"), 2)).await;
+    assert!(
+        back.reused_tokens as f64 > 0.9 * back.prompt_tokens as f64,
+        "{back:?}"
+    );
+    // A fifth document evicts the least recently used one (B), not A.
+    let (d, e) = (document(4), document(5));
+    run(&p, raw(&d, 2)).await;
+    run(&p, raw(&e, 2)).await;
+    let a_again = run(&p, raw(&format!("{a}def h"), 2)).await;
+    assert!(a_again.reused_tokens as f64 > 0.9 * a_again.prompt_tokens as f64);
+    let b_again = run(&p, raw(&format!("{b}def h"), 2)).await;
+    assert!(
+        b_again.reused_tokens < b_again.prompt_tokens / 10,
+        "B was evicted: {b_again:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_moved_window_is_shifted_not_decoded_again() {
+    let _serial = SERIAL.lock().await;
+    let p = provider().await;
+    let doc = document(7);
+    let first = run(&p, raw(&doc, 2)).await;
+    // The window start moved down by a few lines (the editor trimmed the prefix) and a line was typed.
+    let cut = doc.find("def f7_3").expect("line");
+    let moved = format!("{}def typed():\n", &doc[cut..]);
+    let second = run(&p, raw(&moved, 2)).await;
+    println!("first {first:?}\nsecond {second:?}");
+    assert!(
+        second.reused_tokens as f64 > 0.8 * second.prompt_tokens as f64,
+        "the shifted chunk is reused: {second:?}"
+    );
+    assert!(
+        second.decoded_tokens < second.prompt_tokens / 5,
+        "{second:?}"
+    );
+    // And the answer is still sensible: generation after a shift works.
+    let out = collect(p.generate(raw(&moved, 8)))
+        .await
+        .expect("after shift");
+    assert!(out.usage.completion_tokens > 0);
+}
+
+#[tokio::test]
+async fn prefill_warms_the_document_and_gives_way_to_completions() {
+    let _serial = SERIAL.lock().await;
+    let p = provider().await;
+    let doc = document(9);
+    let (s, rx) = p.prefill_with_metrics(raw(&doc, 8));
+    let out = collect(s).await.expect("prefill ends");
+    assert_eq!(
+        out.usage.completion_tokens, 0,
+        "a prefill generates nothing"
+    );
+    let pre = metrics(rx).await;
+    assert_eq!(pre.generated_tokens, 0);
+    assert!(pre.decoded_tokens > 300, "{pre:?}");
+    let key = run(&p, raw(&format!("{doc}def k"), 4)).await;
+    assert!(
+        key.reused_tokens as f64 > 0.9 * key.prompt_tokens as f64,
+        "{key:?}"
+    );
+
+    // A completion arriving during a prefill runs first; the prefill is dropped part way or runs after it.
+    let other = document(10);
+    let (ps, prx) = p.prefill_with_metrics(raw(&other, 8));
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let (cs, crx) = p.generate_with_metrics(raw("def urgent():\n", 4));
+    let (_, c_out) = tokio::join!(collect(ps), collect(cs));
+    c_out.expect("completion");
+    let (pm, cm) = (metrics(prx).await, metrics(crx).await);
+    println!("prefill {pm:?}\ncompletion {cm:?}");
+    let prefill_work = pm.prompt_tokens.saturating_sub(pm.reused_tokens);
+    let preempted = pm.cancelled && pm.decoded_tokens < prefill_work;
+    let ran_first = cm.queue_wait < pm.queue_wait;
+    assert!(
+        preempted || ran_first,
+        "the completion waited for the whole prefill: {pm:?} {cm:?}"
+    );
+
+    // A prefill whose stream is dropped (document closed) never runs.
+    let (busy, _) = p.generate_with_metrics(raw(&document(12), 2));
+    let (dropped, drx) = p.prefill_with_metrics(raw(&document(11), 8));
+    drop(dropped);
+    collect(busy).await.expect("busy");
+    let dm = metrics(drx).await;
+    assert!(dm.cancelled && dm.decoded_tokens == 0, "{dm:?}");
+}
+
+#[tokio::test]
+async fn completions_go_before_a_running_chat() {
+    let _serial = SERIAL.lock().await;
+    let p = provider().await;
+    let chat = GenerationRequest {
+        prompt: Prompt::Chat {
+            system: None,
+            messages: vec![ChatTurn {
+                role: ChatRole::User,
+                content: "Write a long story about a robot.".to_string(),
+            }],
+        },
+        max_tokens: 60,
+        temperature: 0.0,
+        stop: vec![],
+        extra_context: vec![],
+        completion: None,
+    };
+    let (mut chat_stream, chat_rx) = p.generate_with_metrics(chat);
+    // Wait until the chat streams, then ask for a completion.
+    let first = tokio::time::timeout(LIMIT, chat_stream.next())
+        .await
+        .expect("chat starts");
+    assert!(matches!(first, Some(Ok(GenerationEvent::Text(_)))));
+    let completion = run(&p, raw("def add(a, b):\n", 4)).await;
+    // The chat is still going: the completion did not wait for its end.
+    let mut chat_text_after = 0;
+    while let Some(item) = chat_stream.next().await {
+        if let Ok(GenerationEvent::Text(_)) = item {
+            chat_text_after += 1;
+        }
+    }
+    let chat_metrics = metrics(chat_rx).await;
+    println!("completion {completion:?}\nchat {chat_metrics:?}");
+    assert!(
+        chat_text_after > 0,
+        "the completion ran while the chat was unfinished"
+    );
+    assert!(
+        completion.total < chat_metrics.total,
+        "{completion:?} {chat_metrics:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_cancelled_prompt_stops_within_a_batch_while_another_waits() {
+    let _serial = SERIAL.lock().await;
+    let p = provider().await;
+    // Measure the decoding speed once so batches can be sized.
+    run(&p, raw(&document(20), 2)).await;
+    let long: String = (21..24).map(document).collect();
+    let (a, arx) = p.generate_with_metrics(raw(&long, 2));
+    let (b, brx) = p.generate_with_metrics(raw("def waiting():\n", 2));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(a);
+    collect(b).await.expect("b runs");
+    let (am, bm) = (metrics(arx).await, metrics(brx).await);
+    println!("cancelled {am:?}\nwaiting {bm:?}");
+    assert!(am.cancelled, "{am:?}");
+    assert!(
+        am.decoded_tokens < am.prompt_tokens.saturating_sub(am.reused_tokens),
+        "the cancelled prompt stopped part way: {am:?}"
+    );
+}
+
+#[tokio::test]
+async fn bad_model_files_get_clear_messages_before_any_request() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let html = dir.path().join("page.gguf");
+    std::fs::write(&html, b"<!doctype html><title>404</title>").expect("write");
+    let p = EmbeddedProvider::new(&html, EmbeddedOptions::default());
+    match p.wait_loaded().await {
+        Err(ProviderError::ModelLoad(m)) => assert!(m.contains("not a GGUF model file"), "{m}"),
+        other => panic!("expected ModelLoad, got {other:?}"),
+    }
+    // A real model cut short: the header is fine, the tensors are missing.
+    let truncated = dir.path().join("cut.gguf");
+    let bytes = std::fs::read(model_path()).expect("model");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 3]).expect("write");
+    let p = EmbeddedProvider::new(&truncated, EmbeddedOptions::default());
+    match p.wait_loaded().await {
+        Err(ProviderError::ModelLoad(m)) => {
+            assert!(
+                m.contains("cut.gguf") && m.contains("truncated or corrupt"),
+                "{m}"
+            )
+        }
+        other => panic!("expected ModelLoad, got {other:?}"),
     }
 }

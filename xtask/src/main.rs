@@ -56,6 +56,8 @@ enum Cmd {
     },
 }
 
+mod simd;
+
 const VOLT_NAME: &str = "lapce-ai";
 const WASM_TARGET: &str = "wasm32-wasip1";
 const BRIDGE: &str = "lapce-ai-lsp";
@@ -72,7 +74,7 @@ fn main() -> Result<()> {
                 Some(d) => d,
                 None => default_plugin_dir()?,
             };
-            ws.build_and_lay_out(&dir)?;
+            ws.build_and_lay_out(&dir, Cpu::ThisMachine)?;
             println!("installed the lapce-ai volt in {}", dir.display());
             ensure_model(&ws, &dir);
             print_usage(&dir);
@@ -88,7 +90,7 @@ fn main() -> Result<()> {
                 Some(d) => d,
                 None => default_plugin_dir()?,
             };
-            ws.build_and_lay_out(&dir)?;
+            ws.build_and_lay_out(&dir, Cpu::ThisMachine)?;
             println!("installed the lapce-ai volt in {}", dir.display());
             if !skip_model {
                 ensure_model(&ws, &dir);
@@ -101,7 +103,7 @@ fn main() -> Result<()> {
                 fs::remove_dir_all(&staging)
                     .with_context(|| format!("clearing {}", staging.display()))?;
             }
-            ws.build_and_lay_out(&staging)?;
+            ws.build_and_lay_out(&staging, Cpu::Any)?;
             let out = out.unwrap_or_else(|| {
                 ws.target_dir.join(format!(
                     "{VOLT_NAME}-{}-{}-{}.tar.gz",
@@ -194,11 +196,16 @@ impl Workspace {
     }
 
     fn cargo(&self, args: &[&str]) -> Result<()> {
+        self.cargo_with_env(args, &[])
+    }
+
+    fn cargo_with_env(&self, args: &[&str], env: &[(&str, &str)]) -> Result<()> {
         println!("$ cargo {}", args.join(" "));
         let status = Command::new(&self.cargo)
             .args(args)
             .current_dir(&self.root)
             .env("CARGO_TARGET_DIR", &self.target_dir)
+            .envs(env.iter().copied())
             .status()
             .context("running cargo")?;
         if !status.success() {
@@ -227,20 +234,29 @@ impl Workspace {
             .join("lapce_ai_volt.wasm"))
     }
 
-    fn build_native(&self) -> Result<(PathBuf, PathBuf)> {
-        self.cargo(&[
-            "build",
-            "--profile",
-            &self.profile,
-            "-p",
-            BRIDGE,
-            "--bin",
-            BRIDGE,
-            "-p",
-            ENGINE,
-            "--bin",
-            ENGINE,
-        ])?;
+    fn build_native(&self, cpu: Cpu) -> Result<(PathBuf, PathBuf)> {
+        // Built for this machine: llama.cpp with every SIMD extension of this CPU (see `simd`).
+        let native = simd::native_rustflags();
+        let env: &[(&str, &str)] = match cpu {
+            Cpu::ThisMachine => &[("RUSTFLAGS", native.as_str())],
+            Cpu::Any => &[],
+        };
+        self.cargo_with_env(
+            &[
+                "build",
+                "--profile",
+                &self.profile,
+                "-p",
+                BRIDGE,
+                "--bin",
+                BRIDGE,
+                "-p",
+                ENGINE,
+                "--bin",
+                ENGINE,
+            ],
+            env,
+        )?;
         let exe = std::env::consts::EXE_SUFFIX;
         let release = self.target_dir.join(self.profile_dir());
         Ok((
@@ -250,9 +266,9 @@ impl Workspace {
     }
 
     /// Builds and writes the volt folder: volt.toml, lapce-ai.wasm, icon, bin/<name>-<os>-<arch>.
-    fn build_and_lay_out(&self, dir: &Path) -> Result<()> {
+    fn build_and_lay_out(&self, dir: &Path, cpu: Cpu) -> Result<()> {
         let wasm = self.build_wasm()?;
-        let (bridge, engine) = self.build_native()?;
+        let (bridge, engine) = self.build_native(cpu)?;
         let bin = dir.join("bin");
         fs::create_dir_all(&bin).with_context(|| format!("creating {}", bin.display()))?;
         copy_replacing(&self.root.join("volt.toml"), &dir.join("volt.toml"))?;
@@ -262,6 +278,15 @@ impl Workspace {
         copy_replacing(&engine, &bin.join(platform_name(ENGINE)))?;
         Ok(())
     }
+}
+
+/// Which CPUs the native binaries must run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cpu {
+    /// Only this machine (`install`, `demo`): llama.cpp uses every SIMD extension it has.
+    ThisMachine,
+    /// Any CPU of the target architecture (`package`).
+    Any,
 }
 
 /// `name-<os>-<arch>[.exe]`, the names the volt and the bridge look for.

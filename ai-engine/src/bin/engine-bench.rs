@@ -25,6 +25,10 @@ use lapce_ai_transport::{
 };
 use tokio_util::sync::CancellationToken;
 
+#[cfg(feature = "embedded")]
+#[path = "engine-bench/embedded_suite.rs"]
+mod embedded_suite;
+
 #[derive(Parser)]
 #[command(about = "ai-engine benchmark (overhead, embedded TTFT, idle cost)")]
 struct Args {
@@ -37,6 +41,12 @@ struct Args {
     /// GGUF model for the embedded measurements (default: LAPCE_AI_MODEL, then the model cache).
     #[arg(long)]
     model: Option<PathBuf>,
+    /// Only the embedded model against llama.cpp (llama-cpp-python), quiet and beside two busy processes.
+    #[arg(long)]
+    embedded_suite: bool,
+    /// Decoding threads for `--embedded-suite` (default: physical cores).
+    #[arg(long)]
+    threads: Option<u32>,
 }
 
 fn instant_config() -> EngineConfig {
@@ -307,13 +317,13 @@ async fn embedded(
     model: Option<PathBuf>,
     warm_runs: usize,
 ) -> Result<(Duration, Duration, Percentiles, Percentiles), String> {
-    use ai_engine::models::{catalog, resolve_model};
     use ai_engine::provider::embedded::{EmbeddedOptions, EmbeddedProvider};
     let path = match model {
         Some(p) => p,
         None => {
-            resolve_model(None, catalog::default_entry())
+            ai_engine::models::resolve_default(None)
                 .map_err(|e| e.to_string())?
+                .1
                 .path
         }
     };
@@ -382,6 +392,27 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
+    #[cfg(feature = "embedded")]
+    if args.embedded_suite {
+        let Some(model) = args.model.clone().or_else(embedded_suite::default_model) else {
+            eprintln!("no model: pass --model or set LAPCE_AI_TEST_MODEL");
+            std::process::exit(2);
+        };
+        let threads = args
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32));
+        let suite = embedded_suite::SuiteArgs {
+            model,
+            threads,
+            llama_python: embedded_suite::find_llama_python(),
+            quick: args.quick,
+        };
+        if let Err(e) = runtime.block_on(embedded_suite::run(suite)) {
+            eprintln!("embedded suite failed: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
     let iterations = if args.quick { 300 } else { 5000 };
     let (direct, through) = runtime.block_on(overhead(iterations));
     let context_iterations = if args.quick { 300 } else { 2000 };

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use futures::FutureExt;
 use lapce_ai_transport::protocol::{
     Cancel, ChatRequest, CompletionRequest, DocumentClosed, DocumentSync, ErrorCode, MessageType,
-    Usage,
+    Prefill, Usage,
 };
 use lapce_ai_transport::server::{DisconnectReason, ServerConnection, ServerHandler, StreamSender};
 use lapce_ai_transport::{Endpoint, ReceivedMessage, Server, ServerOptions, TransportError};
@@ -24,6 +24,9 @@ use crate::engine::{Engine, EngineError, Outcome, ProviderFactory, TextSink};
 type RequestKey = (u32, u64, u64);
 /// A client connection: (slot, connection generation).
 type ConnectionKey = (u32, u64);
+
+/// Requests one connection may have in flight at once (prefills included); more are refused with `Busy`.
+pub const MAX_IN_FLIGHT_PER_CONNECTION: usize = 16;
 
 /// Connects transport callbacks (reactor thread) to engine tasks (tokio runtime).
 pub struct DaemonHandler {
@@ -40,6 +43,8 @@ pub struct DaemonHandler {
 enum Job {
     Complete(CompletionRequest),
     Chat(ChatRequest),
+    /// Warms the cache for a document; the stream ends (no chunks) when done, and `Cancel` drops it.
+    Prefill(Prefill),
 }
 
 struct StreamSink<'a>(&'a mut StreamSender);
@@ -113,15 +118,45 @@ impl DaemonHandler {
         }
     }
 
-    fn start(self: &Arc<Self>, connection: &Arc<ServerConnection>, id: u64, job: Job) {
+    /// Records request `id` of `connection` as in flight, unless the connection already has
+    /// [`MAX_IN_FLIGHT_PER_CONNECTION`] requests running (then `None`).
+    fn register(
+        &self,
+        connection: &ServerConnection,
+        id: u64,
+    ) -> Option<(RequestKey, CancellationToken)> {
         let token = CancellationToken::new();
         let key = Self::key(connection, id);
-        if self.in_flight().insert(key, token.clone()).is_some() {
+        let mut in_flight = self.in_flight();
+        let mine = in_flight
+            .keys()
+            .filter(|k| k.0 == key.0 && k.1 == key.1)
+            .count();
+        if mine >= MAX_IN_FLIGHT_PER_CONNECTION {
+            return None;
+        }
+        if in_flight.insert(key, token.clone()).is_some() {
             tracing::warn!(
                 id,
                 "request id reused while in flight; the older request is orphaned"
             );
         }
+        Some((key, token))
+    }
+
+    fn start(self: &Arc<Self>, connection: &Arc<ServerConnection>, id: u64, job: Job) {
+        let Some((key, token)) = self.register(connection, id) else {
+            self.reply_error(
+                connection,
+                id,
+                ErrorCode::Busy,
+                format!(
+                    "too many requests in flight on this connection (limit {MAX_IN_FLIGHT_PER_CONNECTION}); \
+                     cancel older ones first"
+                ),
+            );
+            return;
+        };
         let this = Arc::clone(self);
         let workspace = matches!(job, Job::Complete(_))
             .then(|| self.workspace(connection))
@@ -138,6 +173,7 @@ impl DaemonHandler {
                             .await
                     }
                     Job::Chat(request) => this.engine.chat(request, &mut sink, &token).await,
+                    Job::Prefill(request) => this.engine.prefill(request, &token).await,
                 }
             };
             // A panic in one request must not take the daemon down: it becomes that request's error.
@@ -228,6 +264,12 @@ impl ServerHandler for Handler {
             }
             Some(MessageType::ChatRequest) => match message.decode_owned::<ChatRequest>() {
                 Ok(request) => daemon.start(connection, id, Job::Chat(request)),
+                Err(e) => {
+                    daemon.reply_error(connection, id, ErrorCode::InvalidPayload, e.to_string())
+                }
+            },
+            Some(MessageType::Prefill) => match message.decode_owned::<Prefill>() {
+                Ok(request) => daemon.start(connection, id, Job::Prefill(request)),
                 Err(e) => {
                     daemon.reply_error(connection, id, ErrorCode::InvalidPayload, e.to_string())
                 }

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use lapce_ai_transport::protocol::{
-    ChatRequest, ChatRole as WireChatRole, CompletionRequest, ErrorCode, FinishReason, StatusReply,
-    Usage,
+    ChatRequest, ChatRole as WireChatRole, CompletionRequest, ErrorCode, FinishReason, Prefill,
+    StatusReply, Usage,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -335,6 +335,69 @@ impl Engine {
         }
     }
 
+    /// Warms the completion provider's cache for a document (the `Prefill` message): the prompt a completion at
+    /// this cursor would use is evaluated at low priority. Returns when the provider is done, or at once when
+    /// it has no use for a prefill (remote providers); cancelling `cancel` drops it. Nothing is generated.
+    pub async fn prefill(
+        &self,
+        request: Prefill,
+        cancel: &CancellationToken,
+    ) -> Result<Outcome, EngineError> {
+        let started = Instant::now();
+        let cancelled = self.prefill_until_done(request, cancel).await?;
+        Ok(Outcome {
+            finish_reason: if cancelled {
+                FinishReason::Cancelled
+            } else {
+                FinishReason::Stop
+            },
+            usage: Usage::default(),
+            time_to_first_token: None,
+            total: started.elapsed(),
+        })
+    }
+
+    /// [`Self::prefill`]'s work; true when it was cancelled.
+    async fn prefill_until_done(
+        &self,
+        request: Prefill,
+        cancel: &CancellationToken,
+    ) -> Result<bool, EngineError> {
+        let request = CompletionRequest {
+            profile: request.profile,
+            language_id: request.language_id,
+            file_path: request.file_path,
+            prefix: request.prefix,
+            suffix: request.suffix,
+            ..CompletionRequest::default()
+        };
+        let profile = self.profile(&request.profile, &self.config.completion_profile)?;
+        let provider = self.registry.get(profile)?;
+        let plan = profile.prompt_plan(provider.model(), provider.supports_native_fim());
+        let max_tokens = limit(0, profile.max_tokens, DEFAULT_COMPLETION_TOKENS);
+        let prepared = completion::prepare_completion(
+            &request,
+            plan.style.clone(),
+            ContextBudget::default(),
+            max_tokens,
+            DEFAULT_COMPLETION_TEMPERATURE,
+        );
+        let Some(mut stream) = provider.prefill(prepared.request) else {
+            return Ok(false);
+        };
+        loop {
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => return Ok(true),
+                item = stream.next() => match item {
+                    None | Some(Ok(GenerationEvent::Finished { .. })) => return Ok(false),
+                    Some(Ok(GenerationEvent::Text(_))) => {}
+                    Some(Err(e)) => return Err(EngineError::Provider(e)),
+                },
+            }
+        }
+    }
+
     /// One chat answer, streamed into `sink`.
     pub async fn chat<S: TextSink>(
         &self,
@@ -491,6 +554,17 @@ impl Engine {
                 .unwrap_or_default()
         };
         let (completion_provider, completion_model) = describe(&self.config.completion_profile);
+        let details = self
+            .registry
+            .peek(&self.config.completion_profile)
+            .and_then(|p| p.describe().map(|d| (d, p.model().to_owned())));
+        let (details, model_note) = match details {
+            Some((d, model)) => {
+                let note = crate::models::catalog::model_note(&model).unwrap_or_default();
+                (d, note)
+            }
+            None => Default::default(),
+        };
         let (chat_provider, chat_model) = describe(&self.config.chat_profile);
         use std::sync::atomic::Ordering::Relaxed;
         StatusReply {
@@ -511,6 +585,10 @@ impl Engine {
             time_to_first_token_p95_us: latencies.time_to_first_token_p95_us,
             total_p50_us: latencies.total_p50_us,
             total_p95_us: latencies.total_p95_us,
+            model_state: details.state,
+            cpu_backend: details.cpu_backend,
+            gpu_backend: details.gpu_backend,
+            model_note,
         }
     }
 }

@@ -61,11 +61,18 @@ pub fn default_factory(_config: &EngineConfig) -> ProviderFactory {
 
 #[cfg(feature = "embedded")]
 fn embedded(profile: &ProfileConfig) -> Result<Arc<dyn Provider>, ProviderError> {
-    use crate::models::{catalog, resolve_model};
+    use crate::models::{catalog, resolve_default, resolve_model};
     use crate::provider::embedded::{EmbeddedOptions, EmbeddedProvider};
-    let entry = catalog::find(&profile.model).unwrap_or_else(catalog::default_entry);
-    let resolved = resolve_model(profile.model_path.as_deref(), entry)
-        .map_err(|e| ProviderError::ModelMissing(e.to_string()))?;
+    let (entry, resolved) = if profile.model.eq_ignore_ascii_case(catalog::DEFAULT_MODEL) {
+        resolve_default(profile.model_path.as_deref())
+    } else {
+        let entry = catalog::find(&profile.model).unwrap_or_else(catalog::default_entry);
+        resolve_model(profile.model_path.as_deref(), entry).map(|r| (entry, r))
+    }
+    .map_err(|e| ProviderError::ModelMissing(e.to_string()))?;
+    if let Some(note) = catalog::model_note(entry.name) {
+        tracing::warn!("{note}");
+    }
     let mut options = EmbeddedOptions {
         model_name: Some(entry.name.to_string()),
         threads: profile.threads,

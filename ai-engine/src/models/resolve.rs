@@ -119,3 +119,49 @@ pub fn resolve_model_with(
         })
     }
 }
+
+/// Resolves [`super::DEFAULT_MODEL`]: `configured` path or `LAPCE_AI_MODEL` as for [`resolve_model`]; else, in
+/// the cache, the code model recommended for this machine, then any other downloaded code model, then the
+/// offline fallback. Returns the catalog entry that serves (for a configured file: the entry with its file
+/// name, else the recommended one) and the file.
+pub fn resolve_default(
+    configured: Option<&Path>,
+) -> Result<(&'static ModelEntry, ResolvedModel), ResolveError> {
+    let env = std::env::var_os(MODEL_ENV);
+    resolve_default_with(configured, env.as_deref(), model_cache_dir().as_deref())
+}
+
+/// [`resolve_default`] with the environment value and cache directory given explicitly.
+pub fn resolve_default_with(
+    configured: Option<&Path>,
+    env_value: Option<&OsStr>,
+    cache_dir: Option<&Path>,
+) -> Result<(&'static ModelEntry, ResolvedModel), ResolveError> {
+    use super::catalog;
+    let recommended = catalog::default_entry();
+    let explicit = configured.filter(|p| !p.as_os_str().is_empty()).is_some()
+        || env_value.is_some_and(|v| !v.is_empty());
+    if explicit {
+        let resolved = resolve_model_with(configured, env_value, cache_dir, recommended)?;
+        let entry = resolved
+            .path
+            .file_name()
+            .and_then(|n| catalog::find_by_file_name(&n.to_string_lossy()))
+            .unwrap_or(recommended);
+        return Ok((entry, resolved));
+    }
+    let candidates = std::iter::once(recommended)
+        .chain(
+            catalog::catalog()
+                .iter()
+                .filter(|e| e.supports_fim() && e.name != recommended.name),
+        )
+        .chain(std::iter::once(catalog::fallback_entry()));
+    for entry in candidates {
+        if let Ok(resolved) = resolve_model_with(None, None, cache_dir, entry) {
+            return Ok((entry, resolved));
+        }
+    }
+    // Nothing downloaded: the error names the recommended model.
+    resolve_model_with(None, None, cache_dir, recommended).map(|r| (recommended, r))
+}

@@ -1,10 +1,14 @@
-//! The embedded local model: llama.cpp (via llama-cpp-2) on one worker thread, streaming tokens with KV-cache prefix reuse.
+//! The embedded local model: llama.cpp (via llama-cpp-2) on one worker thread, streaming tokens with KV-cache reuse.
 //!
-//! The GGUF file is loaded once on a dedicated thread, which owns the llama context and serves
-//! requests one at a time in arrival order. Consecutive prompts that share a token prefix (the
-//! same file after a keystroke) re-decode only the tokens after the shared prefix.
+//! The GGUF file is loaded once on a dedicated thread (at engine start), which owns the llama context and
+//! serves requests by priority: completions, then chat, then prefill (see [`queue`]). Each document keeps
+//! its own KV sequence (see [`kv`]), so a keystroke, a moved window or a return to another file re-decodes
+//! only the tokens that changed.
 
+mod kv;
+mod queue;
 mod text;
+mod threads;
 mod worker;
 
 use std::path::{Path, PathBuf};
@@ -26,12 +30,34 @@ pub struct EmbeddedOptions {
     pub model_name: Option<String>,
     /// Context window in tokens (prompt + generation). Longer prompts keep their tail.
     pub context_tokens: u32,
-    /// CPU threads for decoding; defaults to the number of available cores.
+    /// CPU threads for decoding; defaults to the number of physical cores this process may use.
     pub threads: Option<u32>,
     /// Maximum tokens decoded in one llama batch while reading a prompt.
     pub batch_tokens: u32,
     /// Sampling seed for temperature > 0; `None` picks a new seed per request.
     pub seed: Option<u32>,
+    /// Documents whose KV cache is kept at once (one llama sequence each, least recently used evicted).
+    pub documents: u32,
+    /// Cached chunks of at least this many tokens that reappear further down a new prompt are shifted
+    /// into place instead of decoded again (llama.cpp's `n_cache_reuse`); 0 disables shifting.
+    pub cache_reuse_min_chunk: u32,
+    /// Order of fill-in-the-middle prompts for models with FIM tokens.
+    pub fim_layout: FimLayout,
+    /// While another request waits, prompt batches are cut to take about this long, so a cancel or a
+    /// more urgent request is served soon.
+    pub preempt_after: Duration,
+}
+
+/// Where the suffix goes in a fill-in-the-middle prompt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FimLayout {
+    /// Suffix first for model families trained on it (StarCoder, CodeLlama), prefix first otherwise.
+    #[default]
+    Auto,
+    /// `<prefix>P<suffix>S<middle>`: what every FIM model understands; a keystroke re-decodes the suffix.
+    PrefixSuffixMiddle,
+    /// `<suffix>S<prefix>P<middle>`: the text that changes while typing comes last.
+    SuffixPrefixMiddle,
 }
 
 impl Default for EmbeddedOptions {
@@ -42,6 +68,10 @@ impl Default for EmbeddedOptions {
             threads: None,
             batch_tokens: 512,
             seed: None,
+            documents: 4,
+            cache_reuse_min_chunk: 32,
+            fim_layout: FimLayout::Auto,
+            preempt_after: Duration::from_millis(40),
         }
     }
 }
@@ -53,6 +83,9 @@ pub struct RequestMetrics {
     pub prompt_tokens: u32,
     /// Prompt tokens whose KV-cache entries were reused from the previous request.
     pub reused_tokens: u32,
+    /// Prompt tokens decoded for this request (not reused); fewer than `prompt_tokens - reused_tokens` when it
+    /// was cancelled or preempted part way.
+    pub decoded_tokens: u32,
     /// Prompt tokens dropped from the front to fit the context window.
     pub truncated_tokens: u32,
     /// Tokens sampled (including a final stop token that is not sent).
@@ -78,9 +111,15 @@ pub struct ModelInfo {
     pub n_params: u64,
     /// The model has fill-in-the-middle tokens (prefix/suffix/middle).
     pub has_fim: bool,
-    /// Effective context window.
+    /// Effective context window of each document's sequence.
     pub context_tokens: u32,
     pub threads: u32,
+    /// Documents whose KV cache is kept at once.
+    pub documents: u32,
+    /// The ggml CPU code in use (its SIMD level), e.g. `CPU (AVX2 FMA F16C)`.
+    pub cpu_backend: String,
+    /// GPU backends compiled in and found (empty = CPU only).
+    pub gpu_backend: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -100,19 +139,29 @@ struct Job {
     submitted: Instant,
 }
 
+/// Prefills kept queued at once; an older one is dropped for a newer (the user moved on).
+const QUEUED_PREFILLS: usize = 2;
+
 struct Shared {
     has_fim: AtomicBool,
     last_metrics: Mutex<Option<RequestMetrics>>,
     model: OnceLock<Arc<llama_cpp_2::model::LlamaModel>>,
+    jobs: queue::JobQueue<Job>,
 }
 
 /// A [`Provider`] running a GGUF model in-process with llama.cpp.
 pub struct EmbeddedProvider {
     name: String,
-    jobs: std::sync::mpsc::Sender<Job>,
     load: watch::Receiver<LoadState>,
     shared: Arc<Shared>,
     next_id: AtomicU64,
+}
+
+impl Drop for EmbeddedProvider {
+    fn drop(&mut self) {
+        // The worker finishes what is queued, then exits and frees the model.
+        self.shared.jobs.close();
+    }
 }
 
 impl std::fmt::Debug for EmbeddedProvider {
@@ -156,27 +205,36 @@ impl EmbeddedProvider {
     }
 
     fn start(name: String, path: Result<PathBuf, ProviderError>, options: EmbeddedOptions) -> Self {
-        let (jobs_tx, jobs_rx) = std::sync::mpsc::channel::<Job>();
         let (load_tx, load_rx) = watch::channel(LoadState::Loading);
         let shared = Arc::new(Shared {
             has_fim: AtomicBool::new(false),
             last_metrics: Mutex::new(None),
             model: OnceLock::new(),
+            jobs: queue::JobQueue::new(),
         });
         let worker_shared = Arc::clone(&shared);
+        let worker_name = name.clone();
         let spawned = std::thread::Builder::new()
             .name("ai-engine-llama".to_string())
-            .spawn(move || worker::run(path, options, jobs_rx, load_tx, worker_shared));
+            .spawn(move || worker::run(path, worker_name, options, load_tx, worker_shared));
         if let Err(e) = spawned {
-            // The receiver side of `jobs` is gone with the closure; requests report the failure.
             tracing::error!(error = %e, "cannot start the embedded model thread");
+            shared.jobs.close();
         }
         Self {
             name,
-            jobs: jobs_tx,
             load: load_rx,
             shared,
             next_id: AtomicU64::new(1),
+        }
+    }
+
+    /// The load state right now: `None` while loading, else the model or why it failed.
+    pub fn load_state(&self) -> Option<Result<ModelInfo, ProviderError>> {
+        match &*self.load.borrow() {
+            LoadState::Loading => None,
+            LoadState::Ready(info) => Some(Ok(info.clone())),
+            LoadState::Failed(e) => Some(Err(e.clone())),
         }
     }
 
@@ -223,8 +281,38 @@ impl EmbeddedProvider {
         (self.submit(request, Some(metrics_tx)), metrics_rx)
     }
 
+    /// Evaluates `request`'s prompt into its document's KV sequence at the lowest priority, without
+    /// generating, so the next completion there only decodes what changed. Dropping the stream cancels it;
+    /// any completion or chat request preempts it; a newer prefill replaces older queued ones.
+    pub fn prefill_with_metrics(
+        &self,
+        request: GenerationRequest,
+    ) -> (
+        BoxStream<'static, Result<GenerationEvent, ProviderError>>,
+        oneshot::Receiver<RequestMetrics>,
+    ) {
+        let (metrics_tx, metrics_rx) = oneshot::channel();
+        (
+            self.enqueue(queue::Priority::Prefill, request, Some(metrics_tx)),
+            metrics_rx,
+        )
+    }
+
     fn submit(
         &self,
+        request: GenerationRequest,
+        metrics: Option<oneshot::Sender<RequestMetrics>>,
+    ) -> BoxStream<'static, Result<GenerationEvent, ProviderError>> {
+        let priority = match request.prompt {
+            super::Prompt::Chat { .. } => queue::Priority::Chat,
+            _ => queue::Priority::Completion,
+        };
+        self.enqueue(priority, request, metrics)
+    }
+
+    fn enqueue(
+        &self,
+        priority: queue::Priority,
         request: GenerationRequest,
         metrics: Option<oneshot::Sender<RequestMetrics>>,
     ) -> BoxStream<'static, Result<GenerationEvent, ProviderError>> {
@@ -236,7 +324,29 @@ impl EmbeddedProvider {
             metrics,
             submitted: Instant::now(),
         };
-        if let Err(std::sync::mpsc::SendError(job)) = self.jobs.send(job) {
+        if priority == queue::Priority::Prefill {
+            // Keep the newest `QUEUED_PREFILLS - 1` queued prefills (plus this one); drop cancelled ones.
+            let mut older = 0;
+            self.shared.jobs.remove_where(|p, _| {
+                older += usize::from(p == queue::Priority::Prefill);
+                false
+            });
+            let mut seen = 0;
+            let dropped = self.shared.jobs.remove_where(|p, queued| {
+                if p != queue::Priority::Prefill {
+                    return false;
+                }
+                seen += 1;
+                queued.events.is_closed() || seen + QUEUED_PREFILLS - 1 <= older
+            });
+            if !dropped.is_empty() {
+                tracing::debug!(
+                    dropped = dropped.len(),
+                    "older prefills dropped for a newer one"
+                );
+            }
+        }
+        if let Err(job) = self.shared.jobs.push(priority, job) {
             // The worker thread is gone; report why if it said so.
             let error = match &*self.load.borrow() {
                 LoadState::Failed(e) => e.clone(),
@@ -272,5 +382,35 @@ impl Provider for EmbeddedProvider {
         request: GenerationRequest,
     ) -> BoxStream<'static, Result<GenerationEvent, ProviderError>> {
         self.submit(request, None)
+    }
+
+    fn prefill(
+        &self,
+        request: GenerationRequest,
+    ) -> Option<BoxStream<'static, Result<GenerationEvent, ProviderError>>> {
+        Some(self.enqueue(queue::Priority::Prefill, request, None))
+    }
+
+    fn describe(&self) -> Option<super::ProviderDetails> {
+        let state = match self.load_state() {
+            None => "loading".to_string(),
+            Some(Ok(info)) => format!(
+                "ready: {} ({} threads, {} documents x {} tokens)",
+                info.path.display(),
+                info.threads,
+                info.documents,
+                info.context_tokens
+            ),
+            Some(Err(e)) => format!("failed: {e}"),
+        };
+        let info = self.load_state().and_then(Result::ok);
+        Some(super::ProviderDetails {
+            state,
+            cpu_backend: info
+                .as_ref()
+                .map(|i| i.cpu_backend.clone())
+                .unwrap_or_default(),
+            gpu_backend: info.map(|i| i.gpu_backend).unwrap_or_default(),
+        })
     }
 }

@@ -168,6 +168,29 @@ pub trait Provider: Send + Sync + 'static {
         &self,
         request: GenerationRequest,
     ) -> BoxStream<'static, Result<GenerationEvent, ProviderError>>;
+    /// Warms the provider's cache with `request`'s prompt at low priority, generating nothing; the stream
+    /// ends when done and dropping it cancels. `None`: the provider has no use for a prefill.
+    fn prefill(
+        &self,
+        _request: GenerationRequest,
+    ) -> Option<BoxStream<'static, Result<GenerationEvent, ProviderError>>> {
+        None
+    }
+    /// Load state and hardware in use, for status output (`None` for remote providers).
+    fn describe(&self) -> Option<ProviderDetails> {
+        None
+    }
+}
+
+/// What `status` shows about a local model.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ProviderDetails {
+    /// `loading`, `ready: ...` or `failed: ...`.
+    pub state: String,
+    /// The CPU code in use (SIMD level).
+    pub cpu_backend: String,
+    /// GPU backend in use; empty for CPU only.
+    pub gpu_backend: String,
 }
 
 /// Builds the HTTP provider for `profile`; `embedded` profiles are not HTTP providers.

@@ -3,7 +3,7 @@
 use futures::{future::BoxFuture, stream::BoxStream, FutureExt};
 
 pub use lapce_ai_transport::protocol::{
-    CompletionMode, CompletionRequest, DocumentClosed, DocumentSync,
+    CompletionMode, CompletionRequest, DocumentClosed, DocumentSync, Prefill,
 };
 
 /// What kind of failure a backend reports; decides the message the user sees.
@@ -86,6 +86,12 @@ pub trait CompletionBackend: Send + Sync + 'static {
         &self,
         request: CompletionRequest,
     ) -> BoxFuture<'static, Result<CompletionStream, BackendError>>;
+
+    /// Warms the engine's cache for a document; resolves when the engine is done. Dropping the future
+    /// cancels it. Default: nothing to warm.
+    fn prefill(&self, _request: Prefill) -> BoxFuture<'static, Result<(), BackendError>> {
+        Box::pin(async { Ok(()) })
+    }
 
     /// Applies changed engine settings (endpoint, engine binary). Default: nothing to do.
     fn reconfigure(&self, _settings: &EngineSettings) {}

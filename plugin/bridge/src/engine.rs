@@ -13,7 +13,7 @@ use lapce_ai_transport::{
 
 use crate::backend::{
     BackendError, BackendErrorKind, CompletionBackend, CompletionRequest, CompletionStream,
-    ConnectionId, DocumentNotice, EngineSettings,
+    ConnectionId, DocumentNotice, EngineSettings, Prefill,
 };
 
 /// How long one request may wait for an engine to start (the engine itself is ready in milliseconds; the
@@ -116,6 +116,24 @@ impl CompletionBackend for EngineBackend {
                     None
                 }
             }
+        }
+        .boxed()
+    }
+
+    fn prefill(
+        &self,
+        request: Prefill,
+    ) -> futures::future::BoxFuture<'static, Result<(), BackendError>> {
+        let client = self.client();
+        async move {
+            let mut stream = client?.request(&request).await.map_err(backend_error)?;
+            // The engine ends the stream when the prefill is done; dropping it earlier cancels.
+            while let Some(event) = stream.next().await {
+                if let StreamEvent::End(_) = event.map_err(backend_error)? {
+                    break;
+                }
+            }
+            Ok(())
         }
         .boxed()
     }

@@ -6,5 +6,6 @@ pub mod debounce;
 pub mod document;
 pub mod engine;
 pub mod fake;
+pub mod prefill;
 pub mod server;
 pub mod settings;

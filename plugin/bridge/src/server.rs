@@ -25,10 +25,11 @@ use serde_json::{json, Value};
 use tokio::{sync::mpsc, task::JoinHandle};
 
 use crate::{
-    backend::{BackendError, CompletionBackend, CompletionRequest},
+    backend::{BackendError, CompletionBackend, CompletionRequest, Prefill},
     context_sync::{byte_edit, document_path, ContextSync},
     debounce::Rhythm,
-    document::{ContextLimits, Document},
+    document::{position_of, ContextLimits, Document},
+    prefill::Prefiller,
     settings::Settings,
 };
 
@@ -66,6 +67,7 @@ pub async fn run(connection: Connection, backend: Arc<dyn CompletionBackend>) {
         rhythm: HashMap::new(),
         inflight: HashMap::new(),
         errors: ErrorNotifier::default(),
+        prefills: Prefiller::default(),
     };
     while let Some(event) = events.recv().await {
         let keep_going = match event {
@@ -120,6 +122,7 @@ struct Server {
     /// Unanswered inline completion requests; whoever removes an entry answers it.
     inflight: HashMap<RequestId, Inflight>,
     errors: ErrorNotifier,
+    prefills: Prefiller,
 }
 
 impl Server {
@@ -242,7 +245,8 @@ impl Server {
                         let path = document_path(&d.uri);
                         self.context
                             .opened(path, &doc.language_id, doc.version, &doc.text);
-                        self.docs.insert(d.uri, doc);
+                        self.docs.insert(d.uri.clone(), doc);
+                        self.prefill(d.uri);
                     }
                     Err(err) => tracing::warn!(%err, "bad didOpen"),
                 }
@@ -258,6 +262,7 @@ impl Server {
                     Ok(p) => {
                         let uri = p.text_document.uri;
                         self.context.closed(&document_path(&uri));
+                        self.prefills.stop(&uri);
                         self.supersede(&uri, "document closed");
                         self.docs.remove(&uri);
                         self.rhythm.remove(&uri);
@@ -302,6 +307,29 @@ impl Server {
         }
         self.context
             .changed(&document_path(&uri), doc.version, &doc.text, edits);
+        if self.prefills.is_active(&uri) {
+            self.prefill(uri);
+        }
+    }
+
+    /// Schedules a prefill of `uri` with the cursor at its end (where an opened file is most often extended).
+    fn prefill(&mut self, uri: Url) {
+        let Some(doc) = self.docs.get(&uri).filter(|_| self.settings.enabled) else {
+            return;
+        };
+        let end = position_of(&doc.text, doc.text.len_chars());
+        let Some(ctx) = doc.context(end, ContextLimits::default()) else {
+            return;
+        };
+        let request = Prefill {
+            profile: self.settings.profile.clone(),
+            language_id: doc.language_id.clone(),
+            file_path: document_path(&uri),
+            prefix: ctx.prefix,
+            suffix: ctx.suffix,
+        };
+        self.prefills
+            .schedule(uri, request, Arc::clone(&self.backend));
     }
 
     fn apply_settings(&mut self, settings: Settings) {
@@ -335,6 +363,7 @@ impl Server {
     }
 
     fn abort_all(&mut self) {
+        self.prefills.stop_all();
         for (_, entry) in self.inflight.drain() {
             entry.task.abort();
         }
@@ -349,6 +378,7 @@ impl Server {
             }
         };
         let uri = params.text_document_position.text_document.uri;
+        self.prefills.stop(&uri);
         self.supersede(&uri, "superseded by a newer inline completion request");
         if !self.settings.enabled {
             self.respond_ok(req.id, json!([]));

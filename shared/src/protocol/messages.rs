@@ -66,6 +66,8 @@ registry! {
     DocumentSync = 20,
     /// Client -> server notification (no reply): a document was closed.
     DocumentClosed = 21,
+    /// Client -> server: warm the engine's cache for a document (no reply; `Cancel` with this frame's id drops it).
+    Prefill = 22,
     /// Server -> client: the next piece of a response stream.
     StreamChunk = 32,
     /// Server -> client: the stream ended normally (or cancelled); terminal.
@@ -201,6 +203,23 @@ pub struct CompletionRequest {
     /// The most lines the client shows; the engine stops generating there (and caches the cut completion).
     /// 0 = no limit.
     pub max_lines: u32,
+}
+
+/// A document was opened or focused, or the cursor rested somewhere new: the engine evaluates the prompt a
+/// completion there would use, at low priority, so the first keystroke finds it cached.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+#[rkyv(derive(Debug))]
+pub struct Prefill {
+    /// Provider profile name; empty selects the engine's inline-completion profile.
+    pub profile: String,
+    /// LSP language id; may be empty.
+    pub language_id: String,
+    /// Path of the document; may be empty.
+    pub file_path: String,
+    /// Text before the cursor.
+    pub prefix: String,
+    /// Text after the cursor.
+    pub suffix: String,
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
@@ -357,6 +376,14 @@ pub struct StatusReply {
     pub time_to_first_token_p95_us: u64,
     pub total_p50_us: u64,
     pub total_p95_us: u64,
+    /// The completion profile's local model: `loading`, `ready: ...` or `failed: ...` (empty for remote providers).
+    pub model_state: String,
+    /// The CPU code llama.cpp runs (its SIMD level); empty for remote providers.
+    pub cpu_backend: String,
+    /// The GPU backend in use; empty for CPU only.
+    pub gpu_backend: String,
+    /// Advice about the model in use (e.g. how to get a better one), or empty.
+    pub model_note: String,
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
