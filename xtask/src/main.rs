@@ -163,22 +163,19 @@ impl Workspace {
         if !matches!(rustup, Ok(s) if s.success()) {
             println!("note: `rustup target add {WASM_TARGET}` did not succeed; the volt tests need that target");
         }
-        let script = self.root.join("scripts").join("fetch-test-model.sh");
-        let output = Command::new("bash")
-            .arg(&script)
-            .current_dir(&self.root)
-            .stderr(std::process::Stdio::inherit())
-            .output()
-            .with_context(|| format!("running {}", script.display()))?;
-        if !output.status.success() {
-            bail!(
-                "{} failed ({}): the embedded-model tests need the model",
-                script.display(),
-                output.status
-            );
-        }
-        let model = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+        let model = self.script_output(
+            "fetch-test-model.sh",
+            &[],
+            "the embedded-model tests need the model",
+        )?;
         println!("test model: {model}");
+        // The real-server tier (ai-engine/tests/real_llama_server.rs): llama-cpp-python built once into a cache.
+        let server_python = self.script_output(
+            "llama-server.sh",
+            &[("LAPCE_AI_TEST_MODEL", model.as_str())],
+            "the real llama.cpp server tests need llama-cpp-python[server]",
+        )?;
+        println!("llama.cpp server python: {server_python}");
         let mut args = vec!["test", "--workspace"];
         args.extend(extra.iter().map(String::as_str));
         println!("$ cargo {}", args.join(" "));
@@ -187,12 +184,33 @@ impl Workspace {
             .current_dir(&self.root)
             .env("CARGO_TARGET_DIR", &self.target_dir)
             .env("LAPCE_AI_TEST_MODEL", &model)
+            .env("LAPCE_AI_LLAMA_SERVER_PYTHON", &server_python)
             .status()
             .context("running cargo test")?;
         if !status.success() {
             bail!("tests failed ({status})");
         }
         Ok(())
+    }
+
+    /// Runs `scripts/NAME` (progress on stderr) and returns the last line it printed on stdout (a path).
+    fn script_output(&self, name: &str, envs: &[(&str, &str)], why: &str) -> Result<String> {
+        let script = self.root.join("scripts").join(name);
+        let output = Command::new("bash")
+            .arg(&script)
+            .envs(envs.iter().copied())
+            .current_dir(&self.root)
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .with_context(|| format!("running {}", script.display()))?;
+        if !output.status.success() {
+            bail!("{} failed ({}): {why}", script.display(), output.status);
+        }
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        match stdout.lines().map(str::trim).rfind(|l| !l.is_empty()) {
+            Some(line) => Ok(line.to_owned()),
+            None => bail!("{} printed nothing on stdout: {why}", script.display()),
+        }
     }
 
     fn cargo(&self, args: &[&str]) -> Result<()> {

@@ -3,6 +3,11 @@
 //! One run prints a side-by-side table (and `--json`): completion round trips through the real transport with an
 //! instant in-process provider next to the same pipeline called directly; time to first token for the embedded
 //! model on a cold prompt and on the same prompt extended by a keystroke; idle daemon CPU and memory.
+//! `--quality` instead runs the HumanEval infilling benchmark (`engine-bench/quality.rs`).
+
+#[cfg(feature = "embedded")]
+#[path = "engine-bench/quality.rs"]
+mod quality;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -44,7 +49,22 @@ struct Args {
     /// Only the embedded model against llama.cpp (llama-cpp-python), quiet and beside two busy processes.
     #[arg(long)]
     embedded_suite: bool,
-    /// Decoding threads for `--embedded-suite` (default: physical cores).
+    /// Run the HumanEval infilling benchmark (engine vs raw llama.cpp) instead of the speed measurements.
+    #[arg(long)]
+    quality: bool,
+    /// Quality: tasks per set (single-line, multi-line).
+    #[arg(long, default_value_t = 40, requires = "quality")]
+    limit: usize,
+    /// Quality: seed of the task selection.
+    #[arg(long, default_value_t = 2022, requires = "quality")]
+    seed: u64,
+    /// Quality: token limit of each generation (engine and raw alike).
+    #[arg(long, default_value_t = 128, requires = "quality")]
+    max_tokens: u32,
+    /// Quality: prompt style or FIM template name for the engine (default: detected from the model).
+    #[arg(long, requires = "quality")]
+    fim_template: Option<String>,
+    /// Decoding threads for `--embedded-suite` and `--quality` (default: physical cores).
     #[arg(long)]
     threads: Option<u32>,
 }
@@ -73,12 +93,22 @@ struct Percentiles {
     p99: Duration,
 }
 
-fn percentiles(mut samples: Vec<Duration>) -> Percentiles {
+/// The nearest-rank percentiles `at` (0..=1) of `samples`; zero for no samples.
+fn percentiles_of(mut samples: Vec<Duration>, at: &[f64]) -> Vec<Duration> {
     samples.sort_unstable();
-    let at = |p: f64| samples[((samples.len() - 1) as f64 * p).round() as usize];
+    at.iter()
+        .map(|p| match samples.len() {
+            0 => Duration::ZERO,
+            n => samples[((n - 1) as f64 * p).round() as usize],
+        })
+        .collect()
+}
+
+fn percentiles(samples: Vec<Duration>) -> Percentiles {
+    let p = percentiles_of(samples, &[0.50, 0.99]);
     Percentiles {
-        p50: at(0.50),
-        p99: at(0.99),
+        p50: p[0],
+        p99: p[1],
     }
 }
 
@@ -413,6 +443,10 @@ fn main() {
         }
         return;
     }
+    if args.quality {
+        quality_main(&runtime, &args);
+        return;
+    }
     let iterations = if args.quick { 300 } else { 5000 };
     let (direct, through) = runtime.block_on(overhead(iterations));
     let context_iterations = if args.quick { 300 } else { 2000 };
@@ -549,4 +583,26 @@ fn main() {
         }
         None => println!("idle daemon: skipped (build the ai-engine binary next to engine-bench)"),
     }
+}
+
+#[cfg(feature = "embedded")]
+fn quality_main(runtime: &tokio::runtime::Runtime, args: &Args) {
+    let options = quality::QualityOptions {
+        limit: args.limit,
+        seed: args.seed,
+        max_tokens: args.max_tokens,
+        model: args.model.clone(),
+        fim_template: args.fim_template.clone(),
+        threads: args.threads,
+    };
+    if let Err(e) = runtime.block_on(quality::run(options)) {
+        eprintln!("engine-bench --quality: {e}");
+        std::process::exit(1);
+    }
+}
+
+#[cfg(not(feature = "embedded"))]
+fn quality_main(_runtime: &tokio::runtime::Runtime, _args: &Args) {
+    eprintln!("engine-bench --quality needs the `embedded` feature");
+    std::process::exit(1);
 }
