@@ -6,6 +6,7 @@
 //! ```toml
 //! completion_profile = "local-fim"
 //! chat_profile = "claude"
+//! idle_exit_minutes = 30               # the daemon exits after this long without clients; 0 = never
 //!
 //! [cache]
 //! entries = 100
@@ -257,7 +258,12 @@ pub struct EngineConfig {
     pub completion_profile: String,
     pub chat_profile: String,
     pub cache: CacheConfig,
+    /// The daemon exits after this long without clients (`idle_exit_minutes`); `None` = never.
+    pub idle_exit: Option<Duration>,
 }
+
+/// `idle_exit_minutes` when the file does not set it.
+pub const DEFAULT_IDLE_EXIT: Duration = Duration::from_secs(30 * 60);
 
 impl Default for EngineConfig {
     fn default() -> Self {
@@ -272,6 +278,7 @@ impl Default for EngineConfig {
             completion_profile: DEFAULT_PROFILE.to_string(),
             chat_profile: DEFAULT_PROFILE.to_string(),
             cache: CacheConfig::default(),
+            idle_exit: Some(DEFAULT_IDLE_EXIT),
         }
     }
 }
@@ -332,6 +339,7 @@ struct RawConfig {
     profiles: BTreeMap<String, Spanned<RawProfile>>,
     #[serde(default)]
     cache: RawCache,
+    idle_exit_minutes: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -423,6 +431,10 @@ impl EngineConfig {
             source: Some(file.to_path_buf()),
             ..Self::default()
         };
+        if let Some(minutes) = raw.idle_exit_minutes {
+            config.idle_exit =
+                (minutes > 0).then(|| Duration::from_secs(minutes.saturating_mul(60)));
+        }
         let defaults = CacheConfig::default();
         config.cache = CacheConfig {
             entries: raw.cache.entries.unwrap_or(defaults.entries),

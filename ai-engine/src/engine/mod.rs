@@ -416,6 +416,9 @@ impl Engine {
             time_to_first_token_p95_us: latencies.time_to_first_token_p95_us,
             total_p50_us: latencies.total_p50_us,
             total_p95_us: latencies.total_p95_us,
+            // Filled in by the daemon, which tracks its clients.
+            idle_exit_after_ms: 0,
+            idle_exit_in_ms: u64::MAX,
         }
     }
 }

@@ -5,5 +5,6 @@ pub mod debounce;
 pub mod document;
 pub mod engine;
 pub mod fake;
+pub mod first_use;
 pub mod server;
 pub mod settings;

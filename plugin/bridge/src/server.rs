@@ -12,7 +12,7 @@ use lsp_server::{Connection, ErrorCode, Message, Notification, Request, RequestI
 use lsp_types::{
     notification::{
         Cancel, DidChangeConfiguration, DidChangeTextDocument, DidCloseTextDocument,
-        DidOpenTextDocument, Exit, Notification as _, ShowMessage,
+        DidOpenTextDocument, Exit, Notification as _, Progress, ShowMessage,
     },
     request::{Initialize, InlineCompletionRequest, Request as _, Shutdown},
     CancelParams, DidChangeConfigurationParams, DidChangeTextDocumentParams,
@@ -28,6 +28,7 @@ use crate::{
     backend::{BackendError, CompletionBackend, CompletionRequest},
     debounce::Rhythm,
     document::{ContextLimits, Document},
+    first_use::FirstCompletion,
     settings::Settings,
 };
 
@@ -64,6 +65,7 @@ pub async fn run(connection: Connection, backend: Arc<dyn CompletionBackend>) {
         rhythm: HashMap::new(),
         inflight: HashMap::new(),
         errors: ErrorNotifier::default(),
+        first_use: FirstCompletion::default(),
     };
     while let Some(event) = events.recv().await {
         let keep_going = match event {
@@ -116,6 +118,8 @@ struct Server {
     /// Unanswered inline completion requests; whoever removes an entry answers it.
     inflight: HashMap<RequestId, Inflight>,
     errors: ErrorNotifier,
+    /// `$/progress` while the first completion starts the engine.
+    first_use: FirstCompletion,
 }
 
 impl Server {
@@ -367,6 +371,9 @@ impl Server {
         } else {
             Duration::ZERO
         };
+        if let Some(progress) = self.first_use.begin() {
+            self.notify(Progress::METHOD, progress);
+        }
         let backend = Arc::clone(&self.backend);
         let events = self.events.clone();
         let id = req.id.clone();
@@ -383,6 +390,10 @@ impl Server {
     }
 
     fn on_done(&mut self, id: RequestId, outcome: Result<String, BackendError>) {
+        let finished = outcome.as_ref().map(|_| ()).map_err(|e| e.message.as_str());
+        if let Some(progress) = self.first_use.end(finished) {
+            self.notify(Progress::METHOD, progress);
+        }
         if self.inflight.remove(&id).is_none() {
             return; // Already answered (superseded, cancelled or disabled).
         }

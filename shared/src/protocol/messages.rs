@@ -305,6 +305,11 @@ pub struct StatusReply {
     pub time_to_first_token_p95_us: u64,
     pub total_p50_us: u64,
     pub total_p95_us: u64,
+    /// The daemon exits after this long without clients; 0 = never.
+    pub idle_exit_after_ms: u64,
+    /// Time left before that exit, not counting the asking client; `u64::MAX` while other clients are
+    /// connected or requests run (or when it never exits).
+    pub idle_exit_in_ms: u64,
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
