@@ -66,6 +66,10 @@ pub enum Command {
         /// Daemonize; logs go to the XDG state directory.
         #[arg(long)]
         detach: bool,
+        /// Exit after this long without clients: `90s`, `30m`, `2h`, a number of minutes, or `never`
+        /// (default: engine.toml's `idle_exit_minutes`, else 30 minutes).
+        #[arg(long, value_name = "DURATION", value_parser = daemon::parse_idle_exit)]
+        idle_exit: Option<daemon::IdleExit>,
     },
     /// One fill-in-the-middle completion, streamed to stdout.
     Complete(CompleteArgs),
@@ -148,8 +152,12 @@ pub fn run(cli: Cli) -> ExitCode {
         Err(e) => return fail(exit::USAGE, &e.to_string()),
     };
     match cli.command {
-        Command::Serve { detach: true } => {
-            match detach::spawn_detached(&endpoint, cli.config.as_deref()) {
+        Command::Serve {
+            detach: true,
+            idle_exit,
+        } => {
+            let idle_exit = idle_exit.map(|i| i.to_string());
+            match detach::spawn_detached(&endpoint, cli.config.as_deref(), idle_exit.as_deref()) {
                 Ok(detach::Detached::Started { pid, log }) => {
                     println!(
                         "ai-engine started (pid {pid}) on endpoint {:?}; log: {}",
@@ -168,11 +176,17 @@ pub fn run(cli: Cli) -> ExitCode {
                 Err(e) => fail(exit::FAILED, &e),
             }
         }
-        Command::Serve { detach: false } => {
-            let config = match EngineConfig::load(cli.config.as_deref()) {
+        Command::Serve {
+            detach: false,
+            idle_exit,
+        } => {
+            let mut config = match EngineConfig::load(cli.config.as_deref()) {
                 Ok(c) => c,
                 Err(e) => return fail(exit::CONFIG, &e.to_string()),
             };
+            if let Some(idle_exit) = idle_exit {
+                config.idle_exit = idle_exit.0;
+            }
             let factory = default_factory(&config);
             match daemon::serve(config, &endpoint, factory) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -495,6 +509,21 @@ fn language_from_extension(extension: &str) -> String {
     .to_owned()
 }
 
+/// The `idle exit` line of `status`: never, in how long, or not while clients are connected.
+fn describe_idle_exit(status: &StatusReply) -> String {
+    if status.idle_exit_after_ms == 0 {
+        return "never".into();
+    }
+    let after = Duration::from_millis(status.idle_exit_after_ms).as_secs();
+    if status.idle_exit_in_ms == u64::MAX {
+        return format!("{after}s after the last client leaves (clients connected)");
+    }
+    format!(
+        "in {}s (after {after}s without clients)",
+        Duration::from_millis(status.idle_exit_in_ms).as_secs()
+    )
+}
+
 fn print_status(status: &StatusReply, json: bool) {
     let ms = |us: u64| us as f64 / 1000.0;
     if json {
@@ -517,6 +546,10 @@ fn print_status(status: &StatusReply, json: bool) {
                 "cpu": status.cpu_backend,
                 "gpu": status.gpu_backend,
                 "note": status.model_note,
+            },
+            "idle_exit": {
+                "after_ms": (status.idle_exit_after_ms > 0).then_some(status.idle_exit_after_ms),
+                "in_ms": (status.idle_exit_in_ms != u64::MAX).then_some(status.idle_exit_in_ms),
             },
         });
         println!("{value:#}");
@@ -551,6 +584,7 @@ fn print_status(status: &StatusReply, json: bool) {
         println!("  note         {}", status.model_note);
     }
     println!("  connections  {}", status.connections);
+    println!("  idle exit    {}", describe_idle_exit(status));
     println!(
         "  requests     {} ({} cancelled, {} failed, {} cache hits)",
         status.requests, status.cancels, status.errors, status.cache_hits

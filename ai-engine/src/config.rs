@@ -6,6 +6,7 @@
 //! ```toml
 //! completion_profile = "local-fim"
 //! chat_profile = "claude"
+//! idle_exit_minutes = 30               # the daemon exits after this long without clients; 0 = never
 //!
 //! [cache]
 //! entries = 100
@@ -387,7 +388,12 @@ pub struct EngineConfig {
     pub chat_profile: String,
     pub cache: CacheConfig,
     pub context: ContextConfig,
+    /// The daemon exits after this long without clients (`idle_exit_minutes`); `None` = never.
+    pub idle_exit: Option<Duration>,
 }
+
+/// `idle_exit_minutes` when the file does not set it.
+pub const DEFAULT_IDLE_EXIT: Duration = Duration::from_secs(30 * 60);
 
 impl Default for EngineConfig {
     fn default() -> Self {
@@ -403,6 +409,7 @@ impl Default for EngineConfig {
             chat_profile: DEFAULT_PROFILE.to_string(),
             cache: CacheConfig::default(),
             context: ContextConfig::default(),
+            idle_exit: Some(DEFAULT_IDLE_EXIT),
         }
     }
 }
@@ -465,6 +472,7 @@ struct RawConfig {
     cache: RawCache,
     #[serde(default)]
     context: RawContext,
+    idle_exit_minutes: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -568,6 +576,10 @@ impl EngineConfig {
             source: Some(file.to_path_buf()),
             ..Self::default()
         };
+        if let Some(minutes) = raw.idle_exit_minutes {
+            config.idle_exit =
+                (minutes > 0).then(|| Duration::from_secs(minutes.saturating_mul(60)));
+        }
         let defaults = CacheConfig::default();
         config.cache = CacheConfig {
             entries: raw.cache.entries.unwrap_or(defaults.entries),

@@ -34,11 +34,22 @@ enum Cmd {
         #[arg(long)]
         skip_model: bool,
     },
-    /// Build everything and write the volt folder as a `.tar.gz`.
+    /// Release artifacts: this platform's binary archive, the registry archive (`volts publish`
+    /// layout, its wasm carrying the release URL and the archives' sha256) and `SHA256SUMS`.
     Package {
-        /// Archive to write (default: `<target>/lapce-ai-<version>-<os>-<arch>.tar.gz`).
+        /// Folder for the artifacts (default: `<target>/package`).
         #[arg(long)]
-        out: Option<PathBuf>,
+        out_dir: Option<PathBuf>,
+        /// Only build and write this platform's binary archive.
+        #[arg(long, conflicts_with = "registry_only")]
+        platform_only: bool,
+        /// Only write the registry archive and checksums, from the platform archives in the folder.
+        #[arg(long)]
+        registry_only: bool,
+        /// Where the volt downloads the platform archives from (default: the GitHub release of this
+        /// version, from volt.toml's `repository`).
+        #[arg(long)]
+        release_url: Option<String>,
     },
     /// Only build the wasm volt.
     Wasm,
@@ -56,6 +67,8 @@ enum Cmd {
     },
 }
 
+mod package;
+mod setup;
 mod simd;
 
 const VOLT_NAME: &str = "lapce-ai";
@@ -68,6 +81,7 @@ const PROFILE: &str = "dist";
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let ws = Workspace::locate(cli.profile)?;
+    ws.set_up(&cli.command)?;
     match cli.command {
         Cmd::Demo { dir } => {
             let dir = match dir {
@@ -97,23 +111,45 @@ fn main() -> Result<()> {
             }
             print_usage(&dir);
         }
-        Cmd::Package { out } => {
-            let staging = ws.target_dir.join("volt").join(VOLT_NAME);
-            if staging.exists() {
-                fs::remove_dir_all(&staging)
-                    .with_context(|| format!("clearing {}", staging.display()))?;
+        Cmd::Package {
+            out_dir,
+            platform_only,
+            registry_only,
+            release_url,
+        } => {
+            let out_dir = out_dir.unwrap_or_else(|| ws.target_dir.join("package"));
+            if !registry_only {
+                let archive = package::write_platform_archive(&ws, &out_dir)?;
+                println!("wrote {}", archive.display());
             }
-            ws.build_and_lay_out(&staging, Cpu::Any)?;
-            let out = out.unwrap_or_else(|| {
-                ws.target_dir.join(format!(
-                    "{VOLT_NAME}-{}-{}-{}.tar.gz",
-                    env!("CARGO_PKG_VERSION"),
-                    std::env::consts::OS,
-                    std::env::consts::ARCH
-                ))
-            });
-            write_tar_gz(&staging, &out)?;
-            println!("wrote {}", out.display());
+            if !platform_only {
+                let release_url = match release_url {
+                    Some(url) => url,
+                    None => package::default_release_url(&ws.root)?,
+                };
+                let hashes = package::require_platform_archives(&out_dir)?;
+                let wasm = ws.build_wasm_with(&[
+                    (package::RELEASE_URL_ENV, release_url.as_str()),
+                    (
+                        package::ARCHIVE_SHA256_ENV,
+                        package::hashes_env_value(&hashes).as_str(),
+                    ),
+                ])?;
+                let registry = out_dir.join(package::registry_archive_name());
+                package::write_registry_archive(
+                    &ws.root.join("volt.toml"),
+                    &wasm,
+                    &ws.root.join("README.md"),
+                    &ws.root.join("icon.svg"),
+                    &registry,
+                )?;
+                println!(
+                    "wrote {} (downloads from {release_url})",
+                    registry.display()
+                );
+                let sums = package::write_checksums(&out_dir)?;
+                println!("wrote {}", sums.display());
+            }
         }
     }
     Ok(())
@@ -146,6 +182,19 @@ impl Workspace {
         })
     }
 
+    /// Installs what the command needs from the machine (wasm target, cmake, libclang) before building.
+    fn set_up(&self, command: &Cmd) -> Result<()> {
+        let needs = match command {
+            Cmd::Wasm
+            | Cmd::Package {
+                registry_only: true,
+                ..
+            } => setup::Needs::Wasm,
+            _ => setup::Needs::Everything,
+        };
+        setup::ensure(&self.root, needs)
+    }
+
     /// The folder cargo writes `self.profile`'s artifacts to.
     fn profile_dir(&self) -> &str {
         match self.profile.as_str() {
@@ -157,12 +206,6 @@ impl Workspace {
 
     /// The README's test command: the wasm target, the test model, then `cargo test --workspace`.
     fn test(&self, extra: &[String]) -> Result<()> {
-        let rustup = Command::new("rustup")
-            .args(["target", "add", WASM_TARGET])
-            .status();
-        if !matches!(rustup, Ok(s) if s.success()) {
-            println!("note: `rustup target add {WASM_TARGET}` did not succeed; the volt tests need that target");
-        }
         let model = self.script_output(
             "fetch-test-model.sh",
             &[],
@@ -213,10 +256,6 @@ impl Workspace {
         }
     }
 
-    fn cargo(&self, args: &[&str]) -> Result<()> {
-        self.cargo_with_env(args, &[])
-    }
-
     fn cargo_with_env(&self, args: &[&str], env: &[(&str, &str)]) -> Result<()> {
         println!("$ cargo {}", args.join(" "));
         let status = Command::new(&self.cargo)
@@ -232,16 +271,28 @@ impl Workspace {
         Ok(())
     }
 
+    /// The volt for a local install: no release URL or archive hashes (the binaries sit in `bin/`).
     fn build_wasm(&self) -> Result<PathBuf> {
-        self.cargo(&[
-            "build",
-            "--profile",
-            &self.profile,
-            "--target",
-            WASM_TARGET,
-            "-p",
-            "lapce-ai-volt",
+        self.build_wasm_with(&[
+            (package::RELEASE_URL_ENV, ""),
+            (package::ARCHIVE_SHA256_ENV, ""),
         ])
+    }
+
+    /// The volt with build-time settings (`LAPCE_AI_RELEASE_URL`, `LAPCE_AI_ARCHIVE_SHA256`).
+    fn build_wasm_with(&self, env: &[(&str, &str)]) -> Result<PathBuf> {
+        self.cargo_with_env(
+            &[
+                "build",
+                "--profile",
+                &self.profile,
+                "--target",
+                WASM_TARGET,
+                "-p",
+                "lapce-ai-volt",
+            ],
+            env,
+        )
         .context(format!(
             "building the volt (is the target installed? `rustup target add {WASM_TARGET}`)"
         ))?;
@@ -326,7 +377,8 @@ fn copy_replacing(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Lapce's plugin folder for the stable build.
+/// Lapce's plugin folder for the stable build: its `ProjectDirs("dev", "lapce", "Lapce-Stable")` local
+/// data folder plus `plugins` (on Windows that is Local AppData, not Roaming).
 fn default_plugin_dir() -> Result<PathBuf> {
     use etcetera::BaseStrategy;
     let base = if cfg!(target_os = "macos") {
@@ -334,10 +386,11 @@ fn default_plugin_dir() -> Result<PathBuf> {
             .context("no home folder")?
             .join("Library/Application Support/dev.lapce.Lapce-Stable")
     } else if cfg!(windows) {
-        etcetera::choose_base_strategy()
-            .context("no data folder")?
-            .data_dir()
-            .join("lapce/Lapce-Stable/data")
+        windows_data_dir(
+            std::env::var_os("LOCALAPPDATA").map(PathBuf::from),
+            etcetera::home_dir().ok(),
+        )
+        .context("no Local AppData folder")?
     } else {
         etcetera::choose_base_strategy()
             .context("no XDG data folder")?
@@ -345,6 +398,14 @@ fn default_plugin_dir() -> Result<PathBuf> {
             .join("lapce-stable")
     };
     Ok(base.join("plugins").join(VOLT_NAME))
+}
+
+/// `%LOCALAPPDATA%\lapce\Lapce-Stable\data` (home's `AppData\Local` when the variable is unset).
+fn windows_data_dir(local_app_data: Option<PathBuf>, home: Option<PathBuf>) -> Option<PathBuf> {
+    let local = local_app_data
+        .filter(|p| !p.as_os_str().is_empty())
+        .or_else(|| home.map(|h| h.join("AppData").join("Local")))?;
+    Some(local.join("lapce").join("Lapce-Stable").join("data"))
 }
 
 /// Makes sure the engine has its default model; failure is reported, not fatal.
@@ -428,55 +489,24 @@ fn print_usage(dir: &Path) {
     println!("Settings go in settings.toml under [lapce-ai] (enabled, profile, debounce-ms, max-lines, ...).");
 }
 
-/// Writes `dir`'s contents (not the folder itself) as a gzipped tar, as Lapce unpacks volts.
-fn write_tar_gz(dir: &Path, out: &Path) -> Result<()> {
-    if let Some(parent) = out.parent() {
-        fs::create_dir_all(parent)?;
-    }
-    let file = fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
-    let gz = flate2::write::GzEncoder::new(file, flate2::Compression::default());
-    let mut tar = tar::Builder::new(gz);
-    tar.follow_symlinks(true);
-    tar.append_dir_all(".", dir)
-        .with_context(|| format!("archiving {}", dir.display()))?;
-    tar.into_inner()?.finish()?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn archive_has_the_volt_files_at_its_root() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let volt = dir.path().join("volt");
-        fs::create_dir_all(volt.join("bin")).expect("mkdir");
-        fs::write(volt.join("volt.toml"), "name = \"lapce-ai\"\n").expect("write");
-        fs::write(volt.join("bin").join(platform_name(BRIDGE)), b"x").expect("write");
-        let out = dir.path().join("out.tar.gz");
-        write_tar_gz(&volt, &out).expect("archive");
-        let file = fs::File::open(&out).expect("open");
-        let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(file));
-        let names: Vec<String> = archive
-            .entries()
-            .expect("entries")
-            .filter_map(|e| Some(e.ok()?.path().ok()?.to_string_lossy().into_owned()))
-            .collect();
-        let clean: Vec<String> = names
-            .iter()
-            .map(|n| n.trim_start_matches("./").to_owned())
-            .collect();
-        assert!(clean.contains(&"volt.toml".to_owned()), "{names:?}");
-        assert!(
-            clean.contains(&format!("bin/{}", platform_name(BRIDGE))),
-            "{names:?}"
+    fn windows_plugins_live_in_local_app_data() {
+        let dir =
+            windows_data_dir(Some(PathBuf::from("L")), Some(PathBuf::from("H"))).expect("dir");
+        assert_eq!(
+            dir,
+            Path::new("L")
+                .join("lapce")
+                .join("Lapce-Stable")
+                .join("data")
         );
-        let unpacked = dir.path().join("unpacked");
-        let file = fs::File::open(&out).expect("open");
-        tar::Archive::new(flate2::read::GzDecoder::new(file))
-            .unpack(&unpacked)
-            .expect("unpack");
-        assert!(unpacked.join("volt.toml").is_file());
+        let dir = windows_data_dir(None, Some(PathBuf::from("H"))).expect("dir");
+        assert!(dir.starts_with(Path::new("H").join("AppData").join("Local")));
+        assert!(!dir.to_string_lossy().contains("Roaming"));
+        assert!(windows_data_dir(None, None).is_none());
     }
 }

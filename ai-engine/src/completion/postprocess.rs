@@ -40,7 +40,7 @@
 //! 9. **Line length**: when the completion continues a line with code before the cursor, that line may not
 //!    grow longer than the longest line near the cursor (at least [`MIN_LINE_WIDTH_LIMIT`] characters).
 //! 10. **Trivial results**: trailing whitespace is removed; an empty or whitespace-only result, or one that only
-//!    restates the start of the suffix up to a line end, becomes empty.
+//!     restates the start of the suffix up to a line end, becomes empty.
 
 use std::collections::HashMap;
 

@@ -94,9 +94,10 @@ pub fn select_snippets(
             ..line + cursor.suffix.matches('\n').count() + 1;
         picker.taken.insert(doc.path.to_string(), vec![shown]);
     } else if current.is_some() {
-        picker
-            .taken
-            .insert(current_path.to_owned(), vec![0..usize::MAX]);
+        picker.taken.insert(
+            current_path.to_owned(),
+            std::iter::once(0..usize::MAX).collect(),
+        );
     }
 
     // (a) Recently edited places.
@@ -117,7 +118,7 @@ pub fn select_snippets(
         .documents()
         .filter(|doc| &*doc.path != current_path)
         .collect();
-    others.sort_by(|a, b| b.touched.cmp(&a.touched));
+    others.sort_by_key(|b| std::cmp::Reverse(b.touched));
 
     // (b) Definitions of identifiers near the cursor, in other files.
     for name in identifiers_near_cursor(&cursor.prefix, &cursor.suffix) {

@@ -25,7 +25,11 @@ pub enum Detached {
 }
 
 /// Starts `current_exe serve` in a new session and waits until it serves the endpoint (or fails).
-pub fn spawn_detached(endpoint: &Endpoint, config: Option<&Path>) -> Result<Detached, String> {
+pub fn spawn_detached(
+    endpoint: &Endpoint,
+    config: Option<&Path>,
+    idle_exit: Option<&str>,
+) -> Result<Detached, String> {
     if lapce_ai_transport::Client::connect(
         endpoint,
         lapce_ai_transport::ClientOptions {
@@ -54,6 +58,9 @@ pub fn spawn_detached(endpoint: &Endpoint, config: Option<&Path>) -> Result<Deta
         .map_err(|e| format!("cannot open the log {}: {e}", log.display()))?;
     let mut command = Command::new(exe);
     command.args(["serve", "--endpoint", endpoint.name()]);
+    if let Some(idle_exit) = idle_exit {
+        command.args(["--idle-exit", idle_exit]);
+    }
     if let Some(config) = config {
         command.arg("--config").arg(config);
     }

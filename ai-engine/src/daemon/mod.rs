@@ -1,11 +1,15 @@
 //! The daemon: serves the engine on a transport endpoint, one task per request, with cancel and shutdown.
 
 pub mod detach;
+mod idle;
+
+pub use idle::{parse_idle_exit, IdleExit};
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use lapce_ai_transport::protocol::{
@@ -36,7 +40,8 @@ pub struct DaemonHandler {
     /// Each connection's open documents (context from other files), dropped when it disconnects.
     workspaces: Mutex<HashMap<ConnectionKey, Arc<Mutex<WorkspaceStore>>>>,
     connections: AtomicU32,
-    /// Cancelled when a client asks the engine to stop.
+    idle: Mutex<idle::IdleTracker>,
+    /// Cancelled when a client asks the engine to stop (or it was idle too long).
     pub shutdown: CancellationToken,
 }
 
@@ -57,14 +62,51 @@ impl TextSink for StreamSink<'_> {
 
 impl DaemonHandler {
     pub fn new(engine: Arc<Engine>, runtime: tokio::runtime::Handle) -> Arc<Self> {
+        let idle_exit = engine.config().idle_exit;
         Arc::new(Self {
             engine,
             runtime,
             in_flight: Mutex::new(HashMap::new()),
             workspaces: Mutex::new(HashMap::new()),
             connections: AtomicU32::new(0),
+            idle: Mutex::new(idle::IdleTracker::new(idle_exit, Instant::now())),
             shutdown: CancellationToken::new(),
         })
+    }
+
+    fn idle(&self) -> std::sync::MutexGuard<'_, idle::IdleTracker> {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Time left before the idle exit (`None`: clients connected, requests running, or never).
+    fn idle_remaining(&self) -> Option<Duration> {
+        let running = !self.in_flight().is_empty();
+        self.idle().remaining(running, Instant::now())
+    }
+
+    /// Cancels `shutdown` once the daemon has had no clients for the configured time.
+    async fn exit_when_idle(self: Arc<Self>) {
+        let Some(after) = self.idle().after() else {
+            return;
+        };
+        loop {
+            let wait = match self.idle_remaining() {
+                Some(Duration::ZERO) => {
+                    tracing::info!(
+                        idle_secs = after.as_secs(),
+                        "no clients for the idle time: exiting"
+                    );
+                    self.shutdown.cancel();
+                    return;
+                }
+                Some(left) => left.min(Duration::from_secs(1)),
+                None => Duration::from_secs(1),
+            };
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = self.shutdown.cancelled() => return,
+            }
+        }
     }
 
     fn in_flight(&self) -> std::sync::MutexGuard<'_, HashMap<RequestKey, CancellationToken>> {
@@ -247,12 +289,19 @@ pub struct Handler(pub Arc<DaemonHandler>);
 impl ServerHandler for Handler {
     fn on_connect(&self, connection: &Arc<ServerConnection>) {
         self.0.connections.fetch_add(1, Ordering::AcqRel);
+        self.0
+            .idle()
+            .connected((connection.slot(), connection.generation()));
         tracing::debug!(slot = connection.slot(), client = %connection.client_name(), "client connected");
     }
 
     fn on_message(&self, connection: &Arc<ServerConnection>, message: &ReceivedMessage<'_>) {
         let daemon = &self.0;
         let id = message.id();
+        daemon.idle().message(
+            (connection.slot(), connection.generation()),
+            message.message_type() == Some(MessageType::StatusRequest),
+        );
         match message.message_type() {
             Some(MessageType::CompletionRequest) => {
                 match message.decode_owned::<CompletionRequest>() {
@@ -299,9 +348,14 @@ impl ServerHandler for Handler {
                 }
             },
             Some(MessageType::StatusRequest) => {
-                let status = daemon
+                let mut status = daemon
                     .engine
                     .status(daemon.connections.load(Ordering::Acquire));
+                let after = daemon.idle().after();
+                status.idle_exit_after_ms = after.map_or(0, |d| d.as_millis() as u64);
+                status.idle_exit_in_ms = daemon
+                    .idle_remaining()
+                    .map_or(u64::MAX, |d| d.as_millis() as u64);
                 let connection = Arc::clone(connection);
                 daemon.runtime.spawn(async move {
                     let _ = connection.send(id, &status).await;
@@ -328,6 +382,9 @@ impl ServerHandler for Handler {
         daemon.connections.fetch_sub(1, Ordering::AcqRel);
         let (slot, generation) = (connection.slot(), connection.generation());
         daemon.workspaces().remove(&(slot, generation));
+        daemon
+            .idle()
+            .disconnected((slot, generation), Instant::now());
         let mut cancelled = 0;
         for (key, token) in daemon.in_flight().iter() {
             if key.0 == slot && key.1 == generation {
@@ -349,7 +406,7 @@ async fn received(signal: &mut std::io::Result<tokio::signal::unix::Signal>) {
     }
 }
 
-/// Runs the engine in the foreground until a `Shutdown` message, SIGINT or SIGTERM.
+/// Runs the engine in the foreground until a `Shutdown` message, SIGINT, SIGTERM or the idle exit.
 pub fn serve(
     config: EngineConfig,
     endpoint: &Endpoint,
@@ -377,6 +434,7 @@ pub fn serve(
     });
     let server = Server::bind(endpoint, options, Arc::new(Handler(Arc::clone(&daemon))))?;
     engine.warm_up();
+    runtime.spawn(Arc::clone(&daemon).exit_when_idle());
     tracing::info!(
         endpoint = endpoint.name(),
         pid = std::process::id(),

@@ -589,6 +589,9 @@ impl Engine {
             cpu_backend: details.cpu_backend,
             gpu_backend: details.gpu_backend,
             model_note,
+            // Filled in by the daemon, which tracks its clients.
+            idle_exit_after_ms: 0,
+            idle_exit_in_ms: u64::MAX,
         }
     }
 }

@@ -62,8 +62,10 @@ impl EngineBackend {
             .map_err(|e| BackendError::new(BackendErrorKind::Config, e.to_string()))?;
         // The `engine-path` setting (empty = unset), else next to this bridge, else PATH.
         let explicit = PathBuf::from(&state.settings.engine_path);
-        let starter = autostart::locate_engine(Some(&explicit))
-            .map(|engine| autostart::starter(engine, Vec::new()));
+        let starter = autostart::locate_engine(Some(&explicit)).map(|engine| {
+            crate::first_use::prepare_bundled_engine(&engine);
+            autostart::starter(engine, Vec::new())
+        });
         let options = ClientOptions {
             client_name: format!("lapce-ai-lsp pid {}", std::process::id()),
             ..ClientOptions::default()

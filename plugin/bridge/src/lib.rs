@@ -6,6 +6,7 @@ pub mod debounce;
 pub mod document;
 pub mod engine;
 pub mod fake;
+pub mod first_use;
 pub mod prefill;
 pub mod server;
 pub mod settings;

@@ -12,7 +12,7 @@ use lsp_server::{Connection, ErrorCode, Message, Notification, Request, RequestI
 use lsp_types::{
     notification::{
         Cancel, DidChangeConfiguration, DidChangeTextDocument, DidCloseTextDocument,
-        DidOpenTextDocument, Exit, Notification as _, ShowMessage,
+        DidOpenTextDocument, Exit, Notification as _, Progress, ShowMessage,
     },
     request::{Initialize, InlineCompletionRequest, Request as _, Shutdown},
     CancelParams, DidChangeConfigurationParams, DidChangeTextDocumentParams,
@@ -29,6 +29,7 @@ use crate::{
     context_sync::{byte_edit, document_path, ContextSync},
     debounce::Rhythm,
     document::{position_of, ContextLimits, Document},
+    first_use::FirstCompletion,
     prefill::Prefiller,
     settings::Settings,
 };
@@ -68,6 +69,7 @@ pub async fn run(connection: Connection, backend: Arc<dyn CompletionBackend>) {
         inflight: HashMap::new(),
         errors: ErrorNotifier::default(),
         prefills: Prefiller::default(),
+        first_use: FirstCompletion::default(),
     };
     while let Some(event) = events.recv().await {
         let keep_going = match event {
@@ -123,6 +125,8 @@ struct Server {
     inflight: HashMap<RequestId, Inflight>,
     errors: ErrorNotifier,
     prefills: Prefiller,
+    /// `$/progress` while the first completion starts the engine.
+    first_use: FirstCompletion,
 }
 
 impl Server {
@@ -414,6 +418,9 @@ impl Server {
         } else {
             Duration::ZERO
         };
+        if let Some(progress) = self.first_use.begin() {
+            self.notify(Progress::METHOD, progress);
+        }
         let backend = Arc::clone(&self.backend);
         let events = self.events.clone();
         let id = req.id.clone();
@@ -432,6 +439,10 @@ impl Server {
     fn on_done(&mut self, id: RequestId, outcome: Result<String, BackendError>) {
         // The completion may have connected (or started) the engine: sync the documents now.
         self.context.poke();
+        let finished = outcome.as_ref().map(|_| ()).map_err(|e| e.message.as_str());
+        if let Some(progress) = self.first_use.end(finished) {
+            self.notify(Progress::METHOD, progress);
+        }
         if self.inflight.remove(&id).is_none() {
             return; // Already answered (superseded, cancelled or disabled).
         }

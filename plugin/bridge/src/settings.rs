@@ -9,7 +9,6 @@ use crate::backend::{CompletionMode, EngineSettings};
 pub struct Settings {
     pub enabled: bool,
     pub profile: String,
-    pub model: String,
     /// Base of the adaptive debounce.
     pub debounce_ms: u64,
     pub max_lines: u32,
@@ -31,7 +30,6 @@ impl Default for Settings {
         Self {
             enabled: true,
             profile: String::new(),
-            model: String::new(),
             debounce_ms: 150,
             max_lines: 8,
             endpoint: "default".into(),
@@ -60,7 +58,6 @@ impl Settings {
             let ok = match key.as_str() {
                 "enabled" => v.as_bool().map(|b| s.enabled = b).is_some(),
                 "profile" => v.as_str().map(|x| s.profile = x.to_owned()).is_some(),
-                "model" => v.as_str().map(|x| s.model = x.to_owned()).is_some(),
                 "debounce-ms" | "debounce_ms" | "debounceMs" => as_u64(v)
                     .map(|n| s.debounce_ms = n.min(MAX_DEBOUNCE_MS))
                     .is_some(),
@@ -140,5 +137,27 @@ mod tests {
         assert_eq!(nested.profile, "p");
         let bad = Settings::from_value(Some(&json!({"enabled": "yes"})));
         assert!(bad.enabled);
+    }
+
+    /// Every `[config."…"]` key of volt.toml changes the bridge's settings (except `download-url`, which
+    /// only the volt reads: tested there).
+    #[test]
+    fn every_volt_setting_is_read() {
+        let keys: Vec<&str> = include_str!("../../../volt.toml")
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("[config.\"")?.strip_suffix("\"]"))
+            .collect();
+        assert!(keys.len() >= 7, "{keys:?}");
+        let changed = json!({
+            "enabled": false, "profile": "p", "debounce-ms": 40, "max-lines": 3,
+            "endpoint": "e", "engine-path": "/x/ai-engine", "multiline": "never",
+        });
+        for key in keys.into_iter().filter(|k| *k != "download-url") {
+            let value = changed
+                .get(key)
+                .unwrap_or_else(|| panic!("no test value for {key}"));
+            let settings = Settings::from_value(Some(&json!({ key: value })));
+            assert_ne!(settings, Settings::default(), "{key} has no effect");
+        }
     }
 }

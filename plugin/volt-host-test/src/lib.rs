@@ -12,6 +12,8 @@ use anyhow::{anyhow, Context, Result};
 use bytes::Bytes;
 use serde_json::Value;
 use wasmtime::{Caller, Engine, Linker, Module, Store, TypedFunc};
+mod http;
+
 use wasmtime_wasi::{
     async_trait,
     cli::{IsTerminal, StdinStream},
@@ -93,6 +95,7 @@ struct HostState {
     received: Vec<Value>,
     /// Lines forwarded with `host_handle_stderr`.
     stderr_lines: Vec<String>,
+    http: http::HttpHost,
 }
 
 fn new_text(pipe: &MemoryOutputPipe, seen: &mut usize) -> String {
@@ -163,6 +166,7 @@ impl VoltHost {
             stderr_seen: 0,
             received: Vec::new(),
             stderr_lines: Vec::new(),
+            http: http::HttpHost::default(),
         };
         let mut store = Store::new(&engine, state);
         let mut linker: Linker<HostState> = Linker::new(&engine);
@@ -172,22 +176,22 @@ impl VoltHost {
             "host_handle_rpc",
             |mut caller: Caller<'_, HostState>| {
                 let state = caller.data_mut();
+                // Like Lapce: everything printed since the last call is parsed as ONE message; text that
+                // is not exactly one JSON value (two messages, a partial line) is dropped by Lapce and
+                // recorded here as a string so tests can flag it.
                 let text = new_text(&state.stdout, &mut state.stdout_seen);
-                for line in text.lines().filter(|l| !l.trim().is_empty()) {
-                    let msg: Value = match serde_json::from_str(line) {
-                        Ok(v) => v,
-                        Err(err) => Value::String(format!("unparsable line {line:?}: {err}")),
-                    };
-                    // A request from the volt gets an (empty) answer on its stdin, like Lapce's.
-                    if msg.get("method").is_some() {
-                        if let Some(id) = msg.get("id") {
-                            let reply =
-                                serde_json::json!({"jsonrpc": "2.0", "id": id, "result": null});
-                            state.stdin.push(format!("{reply}\n").as_bytes());
-                        }
+                let msg: Value = match serde_json::from_str(text.trim()) {
+                    Ok(v) => v,
+                    Err(err) => Value::String(format!("unparsable output {text:?}: {err}")),
+                };
+                // A request from the volt gets an (empty) answer on its stdin, like Lapce's.
+                if msg.get("method").is_some() {
+                    if let Some(id) = msg.get("id") {
+                        let reply = serde_json::json!({"jsonrpc": "2.0", "id": id, "result": null});
+                        state.stdin.push(format!("{reply}\n").as_bytes());
                     }
-                    state.received.push(msg);
                 }
+                state.received.push(msg);
             },
         )?;
         linker.func_wrap(
@@ -199,10 +203,9 @@ impl VoltHost {
                 state.stderr_lines.extend(text.lines().map(str::to_owned));
             },
         )?;
+        http::add_to_linker(&mut linker, |s| &mut s.http)?;
+        // Lapce instantiates the module and calls `handle_rpc` directly: no `_initialize`, no `_start`.
         let instance = linker.instantiate(&mut store, &module)?;
-        if let Ok(init) = instance.get_typed_func::<(), ()>(&mut store, "_initialize") {
-            init.call(&mut store, ())?;
-        }
         let handle_rpc = instance
             .get_typed_func::<(), ()>(&mut store, "handle_rpc")
             .context("the volt exports no handle_rpc()")?;
@@ -222,6 +225,11 @@ impl VoltHost {
         let before = self.store.data().received.len();
         self.handle_rpc.call(&mut self.store, ())?;
         Ok(self.store.data().received[before..].to_vec())
+    }
+
+    /// URLs the volt fetched through the HTTP host functions, in order.
+    pub fn http_requests(&self) -> &[String] {
+        &self.store.data().http.requested
     }
 
     /// What the volt forwarded to Lapce's log.

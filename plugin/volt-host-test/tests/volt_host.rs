@@ -1,137 +1,24 @@
 //! Runs the built lapce-ai volt in a Lapce-like wasmtime host and checks what it asks Lapce to do.
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-    sync::Mutex,
-};
+mod common;
 
+use std::path::Path;
+
+use common::*;
 use lapce_ai_volt_host_test::VoltHost;
-use serde_json::{json, Value};
+use serde_json::json;
 
-/// Serialises the cargo invocations of these tests.
-static CARGO: Mutex<()> = Mutex::new(());
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .expect("workspace root")
-}
-
-fn target_dir() -> PathBuf {
-    match std::env::var_os("CARGO_TARGET_DIR") {
-        Some(t) if Path::new(&t).is_absolute() => PathBuf::from(t),
-        Some(t) => workspace_root().join(t),
-        None => workspace_root().join("target"),
-    }
-}
-
-fn cargo() -> Command {
-    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    c.current_dir(workspace_root())
-        .env("CARGO_TARGET_DIR", target_dir());
-    c
-}
-
-/// Builds the wasm volt (release, wasm32-wasip1) and returns its path.
-fn built_wasm() -> PathBuf {
-    let _lock = CARGO.lock().unwrap_or_else(|p| p.into_inner());
-    let status = cargo()
-        .args([
-            "build",
-            "--release",
-            "--target",
-            "wasm32-wasip1",
-            "-p",
-            "lapce-ai-volt",
-        ])
-        .status()
-        .expect("run cargo");
-    assert!(
-        status.success(),
-        "building the volt failed (needs `rustup target add wasm32-wasip1`)"
-    );
-    target_dir().join("wasm32-wasip1/release/lapce_ai_volt.wasm")
-}
-
-fn bridge_name() -> String {
-    format!(
-        "lapce-ai-lsp-{}-{}{}",
-        std::env::consts::OS,
-        std::env::consts::ARCH,
-        std::env::consts::EXE_SUFFIX
-    )
-}
-
-/// A volt folder with volt.toml, the wasm and (optionally) bin/ contents.
-fn volt_dir(bridge: Option<&[u8]>) -> tempfile::TempDir {
-    let wasm = built_wasm();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let root = workspace_root();
-    std::fs::copy(root.join("volt.toml"), dir.path().join("volt.toml")).expect("volt.toml");
-    std::fs::copy(root.join("icon.svg"), dir.path().join("icon.svg")).expect("icon");
-    std::fs::copy(wasm, dir.path().join("lapce-ai.wasm")).expect("wasm");
-    if let Some(bytes) = bridge {
-        std::fs::create_dir_all(dir.path().join("bin")).expect("bin");
-        std::fs::write(dir.path().join("bin").join(bridge_name()), bytes).expect("bridge");
-    }
-    dir
-}
-
-/// A stand-in executable for the host OS (only its header is looked at).
-fn fake_executable() -> Vec<u8> {
-    let mut head = match std::env::consts::OS {
-        "macos" => vec![0xcf, 0xfa, 0xed, 0xfe],
-        "windows" => b"MZ".to_vec(),
-        _ => b"\x7fELF".to_vec(),
-    };
-    head.extend_from_slice(&[0; 60]);
-    head
-}
-
-/// `initialize` exactly as Lapce sends it to a volt (id 0).
-fn initialize(options: Option<Value>) -> Value {
-    let mut params = json!({
-        "processId": 4242,
-        "rootUri": "file:///home/user/project/",
-        "capabilities": { "textDocument": { "inlineCompletion": {} } },
-        "workspaceFolders": [{ "uri": "file:///home/user/project/", "name": "file:///home/user/project/" }],
-    });
-    if let Some(o) = options {
-        params["initializationOptions"] = o;
-    }
-    json!({ "jsonrpc": "2.0", "id": 0, "method": "initialize", "params": params })
-}
-
-fn defaults() -> Value {
-    json!({
-        "enabled": true,
-        "profile": "",
-        "model": "",
-        "debounce-ms": 150,
-        "max-lines": 8,
-        "endpoint": "default",
-        "engine-path": "",
-        "multiline": "auto",
-    })
-}
-
-fn by_method<'a>(msgs: &'a [Value], method: &str) -> Vec<&'a Value> {
-    msgs.iter()
-        .filter(|m| m.get("method").and_then(Value::as_str) == Some(method))
-        .collect()
-}
-
-fn start_request(msgs: &[Value]) -> Value {
-    let starts = by_method(msgs, "host/startLspServer");
-    assert_eq!(starts.len(), 1, "exactly one start request: {msgs:#?}");
-    starts[0]["params"].clone()
+/// A volt folder whose bin/ holds a (stand-in) bridge and engine for this machine.
+fn installed_volt() -> tempfile::TempDir {
+    volt_dir(&[
+        (bridge_name(), fake_executable()),
+        (engine_name(), fake_executable()),
+    ])
 }
 
 #[test]
 fn initialize_without_options_starts_the_bundled_bridge_with_defaults() {
-    let dir = volt_dir(Some(&fake_executable()));
+    let dir = installed_volt();
     let mut host = VoltHost::load(dir.path()).expect("load volt");
     let msgs = host.send(&initialize(None)).expect("handle_rpc");
     // The volt answers initialize.
@@ -163,7 +50,7 @@ fn initialize_without_options_starts_the_bundled_bridge_with_defaults() {
 
 #[test]
 fn user_options_override_the_defaults() {
-    let dir = volt_dir(Some(&fake_executable()));
+    let dir = installed_volt();
     let mut host = VoltHost::load(dir.path()).expect("load volt");
     let user =
         json!({ "debounce-ms": 60, "profile": "fast", "enabled": false, "extra": { "x": 1 } });
@@ -182,37 +69,46 @@ fn user_options_override_the_defaults() {
 }
 
 #[test]
-fn missing_bridge_shows_a_message_and_falls_back_to_path() {
-    let dir = volt_dir(None);
+fn a_development_build_without_binaries_starts_nothing_and_says_how_to_install() {
+    let dir = volt_dir(&[]);
     let mut host = VoltHost::load(dir.path()).expect("load volt");
     let msgs = host.send(&initialize(None)).expect("handle_rpc");
-    let shown = by_method(&msgs, "window/showMessage");
-    assert_eq!(shown.len(), 1, "{msgs:#?}");
-    let message = shown[0]["params"]["message"].as_str().unwrap_or_default();
+    assert_one_message_per_call(&msgs);
+    let (kind, message) = one_message(&msgs);
+    assert_eq!(kind, 1, "an error");
+    assert!(message.contains("cargo xtask install"), "{message}");
     assert!(
-        message.contains(&format!("bin/{}", bridge_name())),
-        "{message}"
+        by_method(&msgs, "host/startLspServer").is_empty(),
+        "{msgs:#?}"
     );
-    assert!(message.contains("PATH"), "{message}");
-    let start = start_request(&msgs);
-    assert_eq!(start["serverUri"], json!("urn:lapce-ai-lsp"));
-    assert_eq!(start["options"], defaults());
+    assert!(
+        host.http_requests().is_empty(),
+        "no checksum: nothing downloaded"
+    );
 }
 
 #[test]
-fn unrunnable_bridge_is_reported_as_an_error() {
-    let dir = volt_dir(Some(b"#!/bin/sh\necho not a binary\n"));
-    let mut host = VoltHost::load(dir.path()).expect("load volt");
-    let msgs = host.send(&initialize(None)).expect("handle_rpc");
-    let shown = by_method(&msgs, "window/showMessage");
-    assert_eq!(shown.len(), 1, "{msgs:#?}");
-    assert_eq!(
-        shown[0]["params"]["type"],
-        json!(1),
-        "an error: {:?}",
-        shown[0]
-    );
-    assert_eq!(start_request(&msgs)["serverUri"], json!("urn:lapce-ai-lsp"));
+fn a_binary_for_another_format_or_cpu_is_not_started() {
+    let other_cpu = {
+        let mut e = fake_executable();
+        e[18] = if std::env::consts::ARCH == "aarch64" {
+            62
+        } else {
+            183
+        };
+        e
+    };
+    for bridge in [b"#!/bin/sh\necho not a binary\n".to_vec(), other_cpu] {
+        let dir = volt_dir(&[(bridge_name(), bridge), (engine_name(), fake_executable())]);
+        let mut host = VoltHost::load(dir.path()).expect("load volt");
+        let msgs = host.send(&initialize(None)).expect("handle_rpc");
+        let (kind, _) = one_message(&msgs);
+        assert_eq!(kind, 1, "an error: {msgs:#?}");
+        assert!(
+            by_method(&msgs, "host/startLspServer").is_empty(),
+            "{msgs:#?}"
+        );
+    }
 }
 
 #[test]
@@ -220,7 +116,7 @@ fn xtask_install_produces_a_folder_the_host_loads() {
     let dir = tempfile::tempdir().expect("tempdir");
     let volt = dir.path().join("lapce-ai");
     {
-        let _lock = CARGO.lock().unwrap_or_else(|p| p.into_inner());
+        let _lock = cargo_lock();
         let out = cargo()
             .args([
                 "run",
@@ -250,15 +146,10 @@ fn xtask_install_produces_a_folder_the_host_loads() {
     for file in ["volt.toml", "lapce-ai.wasm", "icon.svg"] {
         assert!(volt.join(file).is_file(), "{file} installed");
     }
-    let engine = volt.join("bin").join(format!(
-        "ai-engine-{}-{}{}",
-        std::env::consts::OS,
-        std::env::consts::ARCH,
-        std::env::consts::EXE_SUFFIX
-    ));
+    let engine = volt.join("bin").join(engine_name());
     assert!(engine.is_file(), "engine installed");
     let bridge = volt.join("bin").join(bridge_name());
-    let version = Command::new(&bridge)
+    let version = std::process::Command::new(&bridge)
         .arg("--version")
         .output()
         .expect("run bridge");

@@ -1,10 +1,11 @@
-//! Host-independent launch logic: settings defaults and merging, bridge binary selection, start parameters.
+//! Host-independent launch logic: settings defaults and merging, the first-start install, start parameters.
+
+use std::path::Path;
 
 use lsp_types::{DocumentFilter, Url};
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
-/// Name of the bridge binary, shipped as `bin/<BRIDGE_NAME>-<os>-<arch>` in the volt folder.
-pub const BRIDGE_NAME: &str = "lapce-ai-lsp";
+use crate::install::{self, InstallError, Platform, BRIDGE_NAME, ENGINE_NAME};
 
 /// The plugin's own defaults; they must equal the `[config]` defaults of `volt.toml` (checked by a test),
 /// because Lapce shows those in its settings UI but never sends them.
@@ -12,12 +13,12 @@ pub fn default_settings() -> Value {
     json!({
         "enabled": true,
         "profile": "",
-        "model": "",
         "debounce-ms": 150,
         "max-lines": 8,
         "endpoint": "default",
         "engine-path": "",
         "multiline": "auto",
+        "download-url": "",
     })
 }
 
@@ -49,49 +50,15 @@ pub fn merged_settings(user: Option<&Value>) -> Value {
     settings
 }
 
-/// Path of the bundled bridge, relative to the volt folder, for a host OS/arch.
-pub fn bridge_relative_path(os: &str, arch: &str) -> String {
-    let exe = if os == "windows" { ".exe" } else { "" };
-    format!("bin/{BRIDGE_NAME}-{os}-{arch}{exe}")
-}
-
-/// What the volt knows about the host, from its environment and the volt folder.
-#[derive(Debug, Clone)]
+/// What the volt knows about the host, from its environment.
+#[derive(Debug, Clone, Default)]
 pub struct HostInfo {
     /// `VOLT_URI`: `file://` URL of the volt folder (trailing `/`).
     pub volt_uri: Option<String>,
     pub os: Option<String>,
     pub arch: Option<String>,
-}
-
-/// How the bundled binary looks on disk.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum BinaryState {
-    Missing,
-    /// Exists but is not an executable for the host OS (or is empty).
-    NotExecutable(String),
-    Ok,
-}
-
-/// Checks the first bytes of a file against the host OS executable format.
-pub fn check_executable(os: &str, head: &[u8]) -> BinaryState {
-    let ok = match os {
-        "linux" => head.starts_with(b"\x7fELF"),
-        "macos" => {
-            head.starts_with(&[0xcf, 0xfa, 0xed, 0xfe])
-                || head.starts_with(&[0xce, 0xfa, 0xed, 0xfe])
-                || head.starts_with(&[0xca, 0xfe, 0xba, 0xbe])
-        }
-        "windows" => head.starts_with(b"MZ"),
-        _ => !head.is_empty(),
-    };
-    if ok {
-        BinaryState::Ok
-    } else if head.is_empty() {
-        BinaryState::NotExecutable("the file is empty".into())
-    } else {
-        BinaryState::NotExecutable(format!("it is not a {os} executable"))
-    }
+    /// `VOLT_LIBC`: `glibc`, `musl` or empty.
+    pub libc: Option<String>,
 }
 
 /// Message severity, mirrored from LSP so the logic stays independent of the host API.
@@ -99,105 +66,156 @@ pub fn check_executable(os: &str, head: &[u8]) -> BinaryState {
 pub enum Severity {
     Error,
     Warning,
+    Info,
 }
 
-/// The decision: which server to start and what to tell the user.
+/// The `startLspServer` parameters for the bridge.
 #[derive(Debug, Clone)]
-pub struct LaunchPlan {
+pub struct StartBridge {
     pub server_uri: Url,
     pub args: Vec<String>,
     pub document_selector: Vec<DocumentFilter>,
     pub options: Value,
+}
+
+/// The decision: the bridge to start (if any) and the one message for the user (if any).
+#[derive(Debug, Clone)]
+pub struct LaunchPlan {
+    pub start: Option<StartBridge>,
     pub message: Option<(Severity, String)>,
 }
 
-/// Decides how to start the bridge. `probe` reads the head of a file in the volt folder
-/// (relative path) and returns `None` when it does not exist.
+impl LaunchPlan {
+    fn refuse(message: String) -> Self {
+        Self {
+            start: None,
+            message: Some((Severity::Error, message)),
+        }
+    }
+}
+
+/// Release settings baked into the wasm (see `install::baked_*`); a parameter so tests can vary them.
+#[derive(Debug, Clone, Default)]
+pub struct Release {
+    pub base_url: Option<String>,
+    /// `os-arch=sha256,...`
+    pub hashes: String,
+}
+
+impl Release {
+    pub fn baked() -> Self {
+        Self {
+            base_url: install::baked_release_url().map(str::to_owned),
+            hashes: install::baked_archive_hashes().to_owned(),
+        }
+    }
+}
+
+/// Decides how to start the bridge. When `volt_root/bin` lacks this platform's binaries, downloads the
+/// platform archive with `fetch` (from the `download-url` setting, else the baked release URL), verifies
+/// its baked sha256 and unpacks it; nothing unverified is ever started.
 pub fn plan_launch(
     host: &HostInfo,
     user_options: Option<&Value>,
-    probe: impl Fn(&str) -> Option<Vec<u8>>,
+    volt_root: &Path,
+    release: &Release,
+    fetch: impl FnOnce(&str) -> Result<Vec<u8>, InstallError>,
 ) -> LaunchPlan {
     let options = merged_settings(user_options);
-    let path_fallback = path_fallback_uri;
-    let (server_uri, message) = match (&host.os, &host.arch, &host.volt_uri) {
-        (Some(os), Some(arch), Some(volt_uri)) => {
-            let rel = bridge_relative_path(os, arch);
-            let state = match probe(&rel) {
-                None => BinaryState::Missing,
-                Some(head) => check_executable(os, &head),
-            };
-            let base = Url::parse(volt_uri).ok().map(|mut u| {
-                if !u.path().ends_with('/') {
-                    let p = format!("{}/", u.path());
-                    u.set_path(&p);
-                }
-                u
-            });
-            match (state, base.and_then(|b| b.join(&rel).ok())) {
-                (BinaryState::Ok, Some(uri)) => (uri, None),
-                (BinaryState::Ok, None) => (
-                    path_fallback(),
-                    Some((
-                        Severity::Warning,
-                        format!(
-                            "lapce-ai: cannot make a file URL from VOLT_URI {volt_uri:?}; \
-                             starting `{BRIDGE_NAME}` from PATH instead."
-                        ),
-                    )),
-                ),
-                (BinaryState::Missing, _) => (
-                    path_fallback(),
-                    Some((
-                        Severity::Warning,
-                        format!(
-                            "lapce-ai: the plugin folder has no bridge for {os}-{arch} ({rel}); \
-                             starting `{BRIDGE_NAME}` from PATH instead. Reinstall with \
-                             `cargo xtask install` if completions do not appear."
-                        ),
-                    )),
-                ),
-                (BinaryState::NotExecutable(why), _) => (
-                    path_fallback(),
-                    Some((
-                        Severity::Error,
-                        format!(
-                            "lapce-ai: the bundled bridge {rel} cannot run here ({why}); \
-                             starting `{BRIDGE_NAME}` from PATH instead. Reinstall the plugin \
-                             for {os}-{arch}."
-                        ),
-                    )),
-                ),
-            }
-        }
-        _ => (
-            path_fallback(),
-            Some((
-                Severity::Warning,
-                format!(
-                    "lapce-ai: VOLT_URI/VOLT_OS/VOLT_ARCH are not set; starting `{BRIDGE_NAME}` \
-                     from PATH."
-                ),
-            )),
-        ),
+    let (Some(os), Some(arch), Some(volt_uri)) = (&host.os, &host.arch, &host.volt_uri) else {
+        return LaunchPlan::refuse(
+            "lapce-ai: Lapce did not tell the plugin its folder and platform (VOLT_URI, VOLT_OS, \
+             VOLT_ARCH); update Lapce to 0.4 or newer."
+                .into(),
+        );
     };
+    let platform = Platform {
+        os: os.clone(),
+        arch: arch.clone(),
+        libc: host.libc.clone().unwrap_or_default(),
+    };
+    if let Err(message) = platform.check_supported() {
+        return LaunchPlan::refuse(message);
+    }
+    let Some(bridge_uri) = file_url_in(volt_uri, &platform.binary_path(BRIDGE_NAME)) else {
+        return LaunchPlan::refuse(format!(
+            "lapce-ai: cannot make a file URL from VOLT_URI {volt_uri:?}; reinstall the plugin."
+        ));
+    };
+    let mut message = None;
+    if let Err(why) = binaries_ready(&platform, volt_root) {
+        let installed = download_and_install(&platform, &options, volt_root, release, fetch)
+            .and_then(|()| binaries_ready(&platform, volt_root).map_err(InstallError::WrongBinary));
+        match installed {
+            Ok(()) => {
+                message = Some((
+                    Severity::Info,
+                    format!(
+                        "lapce-ai: installed its engine for {}-{} ({why} before); starting it.",
+                        platform.os, platform.arch
+                    ),
+                ))
+            }
+            Err(err) => return LaunchPlan::refuse(err.user_message(&platform)),
+        }
+    }
     LaunchPlan {
-        server_uri,
-        args: Vec::new(),
-        document_selector: vec![DocumentFilter {
-            language: None,
-            scheme: None,
-            pattern: None,
-        }],
-        options,
+        start: Some(StartBridge {
+            server_uri: bridge_uri,
+            args: Vec::new(),
+            document_selector: vec![DocumentFilter {
+                language: None,
+                scheme: None,
+                pattern: None,
+            }],
+            options,
+        }),
         message,
     }
 }
 
-/// `urn:lapce-ai-lsp`: Lapce runs the command of that name from PATH.
-pub fn path_fallback_uri() -> Url {
-    #[allow(clippy::expect_used)]
-    Url::parse(concat!("urn:", "lapce-ai-lsp")).expect("constant URN is a valid URL")
+/// `Ok` when `bin/` holds a bridge and an engine that run here; `Err` says what is wrong.
+fn binaries_ready(platform: &Platform, volt_root: &Path) -> Result<(), String> {
+    for name in [BRIDGE_NAME, ENGINE_NAME] {
+        let rel = platform.binary_path(name);
+        let head =
+            install::read_head(volt_root, &rel, 64).ok_or_else(|| format!("{rel} was missing"))?;
+        install::check_executable(&platform.os, &platform.arch, &head)
+            .map_err(|why| format!("{rel} could not run: {why}"))?;
+    }
+    Ok(())
+}
+
+fn download_and_install(
+    platform: &Platform,
+    options: &Value,
+    volt_root: &Path,
+    release: &Release,
+    fetch: impl FnOnce(&str) -> Result<Vec<u8>, InstallError>,
+) -> Result<(), InstallError> {
+    let expected = platform
+        .expected_sha256(&release.hashes)
+        .ok_or(InstallError::NoChecksum)?;
+    let base = options
+        .get("download-url")
+        .and_then(Value::as_str)
+        .filter(|s| !s.trim().is_empty())
+        .map(str::to_owned)
+        .or_else(|| release.base_url.clone())
+        .ok_or(InstallError::NoChecksum)?;
+    let url = install::archive_url(base.trim(), platform);
+    let archive = fetch(&url)?;
+    install::install_archive(&archive, &expected, &url, platform, volt_root)
+}
+
+/// `VOLT_URI` (with or without its trailing `/`) joined with a relative path.
+fn file_url_in(volt_uri: &str, rel: &str) -> Option<Url> {
+    let mut base = Url::parse(volt_uri).ok()?;
+    if !base.path().ends_with('/') {
+        let path = format!("{}/", base.path());
+        base.set_path(&path);
+    }
+    base.join(rel).ok()
 }
 
 /// The reply the volt gives to `initialize`: it serves nothing itself.
@@ -205,22 +223,9 @@ pub fn initialize_result() -> Value {
     json!({ "capabilities": {}, "serverInfo": { "name": "lapce-ai-volt", "version": env!("CARGO_PKG_VERSION") } })
 }
 
-/// The settings object as a JSON map (for callers that need the map).
-pub fn as_map(v: &Value) -> Map<String, Value> {
-    v.as_object().cloned().unwrap_or_default()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn host() -> HostInfo {
-        HostInfo {
-            volt_uri: Some("file:///home/u/.local/share/lapce-stable/plugins/lapce-ai/".into()),
-            os: Some("linux".into()),
-            arch: Some("x86_64".into()),
-        }
-    }
 
     #[test]
     fn defaults_match_volt_toml() {
@@ -252,47 +257,119 @@ mod tests {
         assert_eq!(merged_settings(Some(&json!(3))), default_settings());
     }
 
+    use crate::install::sha256_hex;
+    use crate::install::tests::{elf, good_archive};
+
+    fn host() -> HostInfo {
+        HostInfo {
+            volt_uri: Some("file:///home/u/.local/share/lapce-stable/plugins/lapce-ai/".into()),
+            os: Some("linux".into()),
+            arch: Some("x86_64".into()),
+            libc: Some("glibc".into()),
+        }
+    }
+
+    fn release_for(archive: &[u8]) -> Release {
+        Release {
+            base_url: Some("https://example.invalid/rel".into()),
+            hashes: format!("linux-x86_64={}", sha256_hex(archive)),
+        }
+    }
+
+    fn no_fetch(url: &str) -> Result<Vec<u8>, InstallError> {
+        panic!("nothing should be downloaded ({url})")
+    }
+
     #[test]
-    fn bundled_binary_is_used() {
-        let plan = plan_launch(&host(), None, |_| Some(b"\x7fELF....".to_vec()));
+    fn bundled_binaries_are_used_without_download() {
+        let dir = tempfile::tempdir().expect("tmp");
+        std::fs::create_dir(dir.path().join("bin")).expect("bin");
+        for name in ["lapce-ai-lsp-linux-x86_64", "ai-engine-linux-x86_64"] {
+            std::fs::write(dir.path().join("bin").join(name), elf(62)).expect("write");
+        }
+        let plan = plan_launch(&host(), None, dir.path(), &Release::default(), no_fetch);
+        let start = plan.start.expect("starts");
         assert_eq!(
-            plan.server_uri.as_str(),
+            start.server_uri.as_str(),
             "file:///home/u/.local/share/lapce-stable/plugins/lapce-ai/bin/lapce-ai-lsp-linux-x86_64"
         );
         assert!(plan.message.is_none());
     }
 
     #[test]
-    fn missing_binary_falls_back_to_path_with_message() {
-        let plan = plan_launch(&host(), None, |_| None);
-        assert_eq!(plan.server_uri.as_str(), "urn:lapce-ai-lsp");
-        let (sev, msg) = plan.message.expect("message");
-        assert_eq!(sev, Severity::Warning);
-        assert!(msg.contains("bin/lapce-ai-lsp-linux-x86_64"), "{msg}");
-    }
-
-    #[test]
-    fn wrong_format_binary_is_reported() {
-        let plan = plan_launch(&host(), None, |_| Some(b"MZ\x90\x00".to_vec()));
-        assert_eq!(plan.server_uri.as_str(), "urn:lapce-ai-lsp");
-        assert_eq!(plan.message.expect("message").0, Severity::Error);
-        assert!(matches!(
-            check_executable("linux", b""),
-            BinaryState::NotExecutable(_)
-        ));
-    }
-
-    #[test]
-    fn volt_uri_without_trailing_slash_and_windows_exe() {
-        let h = HostInfo {
-            volt_uri: Some("file:///C:/Users/u/plugins/lapce-ai".into()),
-            os: Some("windows".into()),
-            arch: Some("x86_64".into()),
-        };
-        let plan = plan_launch(&h, None, |_| Some(b"MZ".to_vec()));
-        assert_eq!(
-            plan.server_uri.as_str(),
-            "file:///C:/Users/u/plugins/lapce-ai/bin/lapce-ai-lsp-windows-x86_64.exe"
+    fn missing_binaries_are_downloaded_from_the_setting_url_then_started() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let archive = good_archive();
+        let user = json!({"download-url": "http://127.0.0.1:9/mirror/"});
+        let mut asked = None;
+        let plan = plan_launch(
+            &host(),
+            Some(&user),
+            dir.path(),
+            &release_for(&archive),
+            |url| {
+                asked = Some(url.to_owned());
+                Ok(archive.clone())
+            },
         );
+        assert_eq!(
+            asked.as_deref(),
+            Some(
+                format!(
+                    "http://127.0.0.1:9/mirror/lapce-ai-{}-linux-x86_64.tar.gz",
+                    env!("CARGO_PKG_VERSION")
+                )
+                .as_str()
+            )
+        );
+        assert!(plan.start.is_some());
+        assert_eq!(plan.message.expect("message").0, Severity::Info);
+        assert!(dir.path().join("bin/ai-engine-linux-x86_64").is_file());
+    }
+
+    #[test]
+    fn failures_refuse_to_start_with_one_message() {
+        let dir = tempfile::tempdir().expect("tmp");
+        // A development build: no checksum, so no download.
+        let plan = plan_launch(&host(), None, dir.path(), &Release::default(), no_fetch);
+        assert!(plan.start.is_none());
+        assert!(plan.message.expect("msg").1.contains("cargo xtask install"));
+
+        let archive = good_archive();
+        let plan = plan_launch(&host(), None, dir.path(), &release_for(&archive), |url| {
+            Err(InstallError::Status {
+                url: url.into(),
+                status: 404,
+            })
+        });
+        assert!(plan.start.is_none());
+        let (severity, text) = plan.message.expect("msg");
+        assert_eq!(severity, Severity::Error);
+        assert!(
+            text.contains("404") && text.contains("download-url"),
+            "{text}"
+        );
+
+        let plan = plan_launch(&host(), None, dir.path(), &release_for(b"other"), |_| {
+            Ok(archive.clone())
+        });
+        assert!(plan.start.is_none());
+        assert!(plan.message.expect("msg").1.contains("checksum"));
+        assert!(!dir.path().join("bin").exists());
+
+        for (os, libc) in [("macos", ""), ("windows", "")] {
+            let h = HostInfo {
+                os: Some(os.into()),
+                libc: Some(libc.into()),
+                ..host()
+            };
+            let plan = plan_launch(&h, None, dir.path(), &release_for(&archive), no_fetch);
+            assert!(plan.start.is_none());
+            assert!(plan
+                .message
+                .expect("msg")
+                .1
+                .starts_with("lapce-ai runs on Linux; macOS and Windows are planned"));
+        }
     }
 }

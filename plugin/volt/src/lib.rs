@@ -1,5 +1,7 @@
-//! The lapce-ai volt: merges settings over defaults, finds the bundled bridge and asks Lapce to start it.
+//! The lapce-ai volt: merges settings over defaults, installs the verified native binaries on first start
+//! and asks Lapce to start the bridge.
 
+pub mod install;
 pub mod launch;
 
 #[cfg(target_os = "wasi")]

@@ -1,14 +1,18 @@
-//! The WASI entry point: Lapce calls `handle_rpc` for each message; `initialize` starts the bridge.
+//! The WASI entry point: Lapce calls `handle_rpc` for each message; `initialize` installs the binaries
+//! if needed (download through Lapce's HTTP host functions) and starts the bridge.
 
-use std::io::Read;
+use std::path::Path;
 
 use lapce_plugin::{
     psp_types::lsp_types::{notification::Notification as _, request::Request as _, MessageType},
-    register_plugin, LapcePlugin, VoltEnvironment, PLUGIN_RPC,
+    register_plugin, Http, LapcePlugin, VoltEnvironment, PLUGIN_RPC,
 };
 use serde_json::Value;
 
-use crate::launch::{self, HostInfo, Severity};
+use crate::{
+    install::{InstallError, MAX_ARCHIVE_BYTES},
+    launch::{self, HostInfo, Release, Severity},
+};
 
 #[derive(Default)]
 struct State {
@@ -53,33 +57,66 @@ fn start_bridge(params: &Value) {
         volt_uri: VoltEnvironment::uri().ok(),
         os: VoltEnvironment::operating_system().ok(),
         arch: VoltEnvironment::architecture().ok(),
+        libc: VoltEnvironment::libc().ok(),
     };
-    let user = params.get("initializationOptions");
-    let plan = launch::plan_launch(&host, user, |rel| {
-        // The volt folder is preopened at `/`.
-        let mut file = std::fs::File::open(format!("/{rel}")).ok()?;
-        let mut head = [0u8; 4];
-        let mut n = 0;
-        while n < head.len() {
-            match file.read(&mut head[n..]) {
-                Ok(0) | Err(_) => break,
-                Ok(k) => n += k,
-            }
-        }
-        Some(head[..n].to_vec())
-    });
+    // The volt folder is preopened at `/`.
+    let plan = launch::plan_launch(
+        &host,
+        params.get("initializationOptions"),
+        Path::new("/"),
+        &Release::baked(),
+        download,
+    );
     if let Some((severity, message)) = plan.message {
         let kind = match severity {
             Severity::Error => MessageType::ERROR,
             Severity::Warning => MessageType::WARNING,
+            Severity::Info => MessageType::INFO,
         };
         PLUGIN_RPC.window_show_message(kind, message);
     }
-    PLUGIN_RPC.stderr(&format!("lapce-ai volt: starting {}", plan.server_uri));
+    let Some(start) = plan.start else {
+        PLUGIN_RPC.stderr("lapce-ai volt: not starting the bridge");
+        return;
+    };
+    PLUGIN_RPC.stderr(&format!("lapce-ai volt: starting {}", start.server_uri));
     PLUGIN_RPC.start_lsp(
-        plan.server_uri,
-        plan.args,
-        plan.document_selector,
-        Some(plan.options),
+        start.server_uri,
+        start.args,
+        start.document_selector,
+        Some(start.options),
     );
+}
+
+/// Downloads `url` with Lapce's HTTP host functions (the whole body, at most `MAX_ARCHIVE_BYTES`).
+fn download(url: &str) -> Result<Vec<u8>, InstallError> {
+    PLUGIN_RPC.stderr(&format!("lapce-ai volt: downloading {url}"));
+    let unreachable = |detail: String| InstallError::Unreachable {
+        url: url.to_owned(),
+        detail,
+    };
+    let mut response = Http::get(url).map_err(|e| unreachable(e.to_string()))?;
+    let status = response.status_code.as_u16();
+    if !(200..300).contains(&status) {
+        return Err(InstallError::Status {
+            url: url.to_owned(),
+            status,
+        });
+    }
+    let mut body = Vec::new();
+    let mut chunk = vec![0u8; 1 << 16];
+    loop {
+        let n = response
+            .body_read(&mut chunk)
+            .map_err(|e| unreachable(e.to_string()))?;
+        if n == 0 {
+            return Ok(body);
+        }
+        if body.len() + n > MAX_ARCHIVE_BYTES {
+            return Err(InstallError::TooLarge {
+                url: url.to_owned(),
+            });
+        }
+        body.extend_from_slice(&chunk[..n.min(chunk.len())]);
+    }
 }

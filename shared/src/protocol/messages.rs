@@ -384,6 +384,11 @@ pub struct StatusReply {
     pub gpu_backend: String,
     /// Advice about the model in use (e.g. how to get a better one), or empty.
     pub model_note: String,
+    /// The daemon exits after this long without clients; 0 = never.
+    pub idle_exit_after_ms: u64,
+    /// Time left before that exit, not counting the asking client; `u64::MAX` while other clients are
+    /// connected or requests run (or when it never exits).
+    pub idle_exit_in_ms: u64,
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]

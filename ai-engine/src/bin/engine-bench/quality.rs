@@ -292,6 +292,7 @@ fn editor_request(task: &Task, max_tokens: u32) -> CompletionRequest {
 
 /// Runs one set: all engine completions first, then all raw generations (so neither side inherits the other's
 /// KV cache), then the tests.
+#[allow(clippy::too_many_arguments)] // one call site; a struct would only rename the arguments
 async fn run_set(
     set: TaskSet,
     tasks: &[Task],
@@ -372,7 +373,7 @@ async fn run_set(
 }
 
 fn progress(set: TaskSet, who: &str, done: usize, total: usize) {
-    if done % 10 == 0 || done == total {
+    if done.is_multiple_of(10) || done == total {
         eprintln!("quality: {} {who} {done}/{total}", set.name());
     }
 }
@@ -429,8 +430,10 @@ pub async fn run(options: QualityOptions) -> Result<(), String> {
         Some(name) => Some(PromptStyle::from_name(name).map_err(|e| e.to_string())?),
         None => None,
     };
-    let mut config = EngineConfig::default();
-    config.completion_profile = profile.name.clone();
+    let mut config = EngineConfig {
+        completion_profile: profile.name.clone(),
+        ..EngineConfig::default()
+    };
     config.profiles.insert(profile.name.clone(), profile);
     let engine = Engine::new(config, factory, "quality-bench");
     let style = match &options.fim_template {
