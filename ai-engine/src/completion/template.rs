@@ -517,13 +517,22 @@ impl PromptPlan {
         PromptPlan { style, fallback }
     }
 
-    /// Puts the fallback prompt (rendered from the same trimmed prefix and suffix) into the prepared request,
+    /// Puts the fallback prompt (rendered from the same trimmed prefix and suffix, with the same context from
+    /// other files) into the prepared request,
     /// and its stop strings into the filter, so a fallback answer is cut where a template answer would be.
     pub fn attach_fallback(&self, prepared: &mut super::PreparedCompletion) {
         let Some(fallback) = &self.fallback else {
             return;
         };
-        let fallback = fim_fallback(fallback, &prepared.context.prefix, &prepared.context.suffix);
+        // The native prompt's prefix may carry context from other files (commented path headers): keep it.
+        let (prefix, suffix) = match &prepared.request.prompt {
+            Prompt::FillInTheMiddle { prefix, suffix } => (prefix.as_str(), suffix.as_str()),
+            _ => (
+                prepared.context.prefix.as_str(),
+                prepared.context.suffix.as_str(),
+            ),
+        };
+        let fallback = fim_fallback(fallback, prefix, suffix);
         for stop in &fallback.stop {
             if !prepared.filter_context.stop.contains(stop) {
                 prepared.filter_context.stop.push(stop.clone());
