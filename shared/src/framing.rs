@@ -457,12 +457,13 @@ impl AsyncWriter {
     pub fn space_wanted_and_available(&self) -> bool {
         self.space_waiters
             .load(std::sync::atomic::Ordering::Relaxed)
-            && self
-                .sender
-                .try_lock()
-                .ok()
-                .and_then(|mut s| s.has_space_for(1).ok())
-                .unwrap_or(false)
+            && match self.sender.try_lock() {
+                Ok(mut sender) => sender.has_space_for(1).unwrap_or(true),
+                // A sender holds the lock right now (it may be registering as a waiter): look again instead
+                // of sleeping through its wait. Sleeping here lost wake-ups under CPU load: the waiter then
+                // sat until its 30 s send timeout.
+                Err(_) => true,
+            }
     }
 
     /// Wakes tasks waiting for space if there is some. Returns true if it woke anyone.
