@@ -244,7 +244,10 @@ async fn send_loop(shared: Arc<Shared>, backend: Arc<dyn CompletionBackend>) {
             synced_to = Some(connection);
         }
         let notices = shared.state().take_notices();
-        tracing::debug!(count = notices.len(), "context sync: sending document notices");
+        tracing::debug!(
+            count = notices.len(),
+            "context sync: sending document notices"
+        );
         for notice in notices {
             if backend.send_document(notice).await != Some(connection) {
                 // Dropped or went to another connection: start over on the next one.

@@ -259,7 +259,6 @@ fn keystroke_body(
 }
 
 #[test]
-#[ignore = "known failure: the bridge's documents do not reach the engine's store in this end-to-end run (the engine side passes in ai-engine/tests/related_context.rs); open in the closing note"]
 fn the_engine_sees_definitions_and_edits_from_other_open_documents() {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let fake = runtime.block_on(FakeOpenAi::start(Script {
