@@ -71,6 +71,14 @@ impl Sandbox {
         ]
     }
 
+    /// Kills the auto-started engine if it still runs (a failed test never reached its `stop`).
+    fn kill_engine(&self) {
+        if let Some(pid) = self.engine_pid() {
+            // SAFETY: kill(2) on the engine this sandbox's bridge started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+
     /// The auto-started engine's log (for failure messages).
     fn engine_log(&self) -> String {
         let dir = self.dir.path().join("state/lapce-ai");
@@ -331,4 +339,10 @@ fn the_engine_sees_definitions_and_edits_from_other_open_documents() {
         String::from_utf8_lossy(&stop.stderr)
     );
     sandbox.assert_clean();
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        self.kill_engine();
+    }
 }
