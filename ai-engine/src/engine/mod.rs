@@ -314,7 +314,16 @@ impl Engine {
             }
         };
         drop(subscription);
-        let total = started.elapsed();
+        self.settle(result, time_to_first_token, started.elapsed())
+    }
+
+    /// Counts how a request ended (cancel, error, latency) and turns it into its [`Outcome`].
+    fn settle(
+        &self,
+        result: Result<(FinishReason, Usage), EngineError>,
+        time_to_first_token: Option<Duration>,
+        total: Duration,
+    ) -> Result<Outcome, EngineError> {
         match result {
             Ok((finish_reason, usage)) => {
                 if finish_reason == FinishReason::Cancelled {
@@ -520,28 +529,11 @@ impl Engine {
         }
         .await;
         drop(stream);
-        let total = started.elapsed();
-        match result {
-            Ok(()) => {
-                if finish_reason == FinishReason::Cancelled {
-                    Metrics::count(&self.metrics.cancels);
-                }
-                if usage.completion_tokens == 0 {
-                    usage.completion_tokens = generated_pieces;
-                }
-                self.metrics.record_latency(time_to_first_token, total);
-                Ok(Outcome {
-                    finish_reason,
-                    usage,
-                    time_to_first_token,
-                    total,
-                })
-            }
-            Err(e) => {
-                Metrics::count(&self.metrics.errors);
-                Err(e)
-            }
+        if usage.completion_tokens == 0 {
+            usage.completion_tokens = generated_pieces;
         }
+        let result = result.map(|()| (finish_reason, usage));
+        self.settle(result, time_to_first_token, started.elapsed())
     }
 
     /// Engine statistics for `status`.

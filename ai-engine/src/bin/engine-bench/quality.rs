@@ -430,16 +430,16 @@ pub async fn run(options: QualityOptions) -> Result<(), String> {
         Some(name) => Some(PromptStyle::from_name(name).map_err(|e| e.to_string())?),
         None => None,
     };
+    // The raw side gets exactly the prompt style the engine's profile resolves to.
+    let style = profile
+        .prompt_plan(provider.model(), provider.supports_native_fim())
+        .style;
     let mut config = EngineConfig {
         completion_profile: profile.name.clone(),
         ..EngineConfig::default()
     };
     config.profiles.insert(profile.name.clone(), profile);
     let engine = Engine::new(config, factory, "quality-bench");
-    let style = match &options.fim_template {
-        Some(name) => PromptStyle::from_name(name).map_err(|e| e.to_string())?,
-        None => PromptStyle::detect(provider.model(), provider.supports_native_fim(), false),
-    };
     let dir = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
 
     let mut rows = Vec::new();
