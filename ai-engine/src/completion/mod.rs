@@ -100,7 +100,7 @@ pub fn prepare_completion_with(
                 extra_context = rendered.chunks();
             }
             (SnippetPlacement::Prompt, Some((template, tokens))) => {
-                let prefix = if template == FimTemplate::StarCoder {
+                let prefix = if template == FimTemplate::StarCoder2 {
                     rendered.starcoder_prefix(&context.prefix)
                 } else {
                     context.prefix.clone()

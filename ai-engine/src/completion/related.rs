@@ -296,18 +296,16 @@ pub struct RepoTokens {
 }
 
 /// The multi-file tokens of `template`'s family (Qwen2.5-Coder and StarCoder2 were trained with them).
+/// The tokens themselves come from [`FimTemplate::repo_name_token`] and [`FimTemplate::file_separator`]; only these
+/// two layouts are rendered here (others get commented path headers).
 pub fn repo_tokens(template: FimTemplate) -> Option<RepoTokens> {
-    match template {
-        FimTemplate::QwenCoder => Some(RepoTokens {
-            repo_name: "<|repo_name|>",
-            file_separator: "<|file_sep|>",
-        }),
-        FimTemplate::StarCoder => Some(RepoTokens {
-            repo_name: "<repo_name>",
-            file_separator: "<file_sep>",
-        }),
-        _ => None,
+    if !matches!(template, FimTemplate::QwenCoder | FimTemplate::StarCoder2) {
+        return None;
     }
+    Some(RepoTokens {
+        repo_name: template.repo_name_token()?,
+        file_separator: template.file_separator()?,
+    })
 }
 
 /// Snippets ready to render: paths relative to the files' common directory, least relevant first (so the
@@ -636,15 +634,16 @@ mod tests {
             "<|repo_name|>proj\n<|file_sep|>lib/io.py\nimport os\n<|file_sep|>src/util.py\n\
 def helper():\n    return 1\n<|file_sep|>src/main.py\n<|fim_prefix|>x = <|fim_suffix|>\n<|fim_middle|>"
         );
-        let star = repo_tokens(FimTemplate::StarCoder).unwrap();
-        let head = context.repo_head(FimTemplate::StarCoder, star);
+        let star = repo_tokens(FimTemplate::StarCoder2).unwrap();
+        let head = context.repo_head(FimTemplate::StarCoder2, star);
         let prefix = context.starcoder_prefix("x = ");
         assert_eq!(
-            format!("{head}{}", FimTemplate::StarCoder.render(&prefix, "\n")),
+            format!("{head}{}", FimTemplate::StarCoder2.render(&prefix, "\n")),
             "<repo_name>proj<file_sep>lib/io.py\nimport os\n<file_sep>src/util.py\ndef helper():\n    \
 return 1\n<file_sep><fim_prefix>src/main.py\nx = <fim_suffix>\n<fim_middle>"
         );
         for template in [
+            FimTemplate::StarCoder,
             FimTemplate::CodeLlama,
             FimTemplate::DeepSeekCoder,
             FimTemplate::Codestral,
