@@ -67,6 +67,12 @@ struct Args {
     /// Decoding threads for `--embedded-suite` and `--quality` (default: physical cores).
     #[arg(long)]
     threads: Option<u32>,
+    /// Embedded suite: KV sequences (documents) the model keeps (default: the engine's default).
+    #[arg(long, requires = "embedded_suite")]
+    documents: Option<u32>,
+    /// Embedded suite: only the cold prompts next to llama.cpp.
+    #[arg(long, requires = "embedded_suite")]
+    cold_only: bool,
 }
 
 fn instant_config() -> EngineConfig {
@@ -417,6 +423,14 @@ fn micros(d: Duration) -> f64 {
 
 fn main() {
     let args = Args::parse();
+    // Engine logs (e.g. `LAPCE_AI_LOG=ai_engine=debug` for per-request timings) go to stderr.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LAPCE_AI_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -436,6 +450,8 @@ fn main() {
             threads,
             llama_python: embedded_suite::find_llama_python(),
             quick: args.quick,
+            documents: args.documents,
+            cold_only: args.cold_only,
         };
         if let Err(e) = runtime.block_on(embedded_suite::run(suite)) {
             eprintln!("embedded suite failed: {e}");

@@ -23,6 +23,10 @@ pub struct SuiteArgs {
     /// Python with `llama_cpp` importable (llama-cpp-python); `None` skips the comparison.
     pub llama_python: Option<PathBuf>,
     pub quick: bool,
+    /// KV sequences kept (`documents` of the embedded profile); `None` takes the engine's default.
+    pub documents: Option<u32>,
+    /// Only the cold prompts next to llama.cpp (skips the editing scenarios).
+    pub cold_only: bool,
 }
 
 /// Finds a Python interpreter with llama-cpp-python: `LAPCE_AI_LLAMA_PYTHON`, then the venvs under
@@ -150,24 +154,27 @@ struct Row {
 }
 
 fn row(name: impl Into<String>, value: f64, unit: &'static str) -> Row {
+    let name = name.into();
+    eprintln!("  {name}: {value:.1} {unit}");
     Row {
-        name: name.into(),
+        name,
         value,
         unit,
         llama: None,
     }
 }
 
-/// Cold prompt evaluation and generation speed through llama-cpp-python, for the same prompts.
-fn llama_cpp_side(
-    args: &SuiteArgs,
-    prompts: &[String],
-    gen_tokens: u32,
-) -> Result<Vec<(f64, f64, f64)>, String> {
-    let Some(python) = &args.llama_python else {
-        return Err("no python with llama_cpp (set LAPCE_AI_LLAMA_PYTHON)".into());
-    };
-    const SCRIPT: &str = r#"
+/// llama.cpp through llama-cpp-python in a child process, fed one prompt at a time: cold prompt evaluation and
+/// generation speed for the same prompts, measured right after the engine's run of each prompt so both see the
+/// same machine.
+struct LlamaCpp {
+    child: Child,
+    stdin: std::process::ChildStdin,
+    lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
+}
+
+impl LlamaCpp {
+    const SCRIPT: &'static str = r#"
 import json, sys, time
 from llama_cpp import Llama
 model, threads, gen = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -189,32 +196,51 @@ for line in sys.stdin:
     gen_s = time.perf_counter() - t1
     print(json.dumps([len(tokens) / prompt_s, gen / gen_s, ttft_s]), flush=True)
 "#;
-    let mut child = Command::new(python)
-        .args(["-c", SCRIPT])
-        .arg(&args.model)
-        .arg(args.threads.to_string())
-        .arg(gen_tokens.to_string())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("cannot run {}: {e}", python.display()))?;
-    let mut stdin = child.stdin.take().ok_or("no stdin")?;
-    let mut lines = BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
-    let mut out = Vec::new();
-    for prompt in prompts {
+
+    fn start(args: &SuiteArgs, gen_tokens: u32) -> Result<Self, String> {
+        let Some(python) = &args.llama_python else {
+            return Err("no python with llama_cpp (set LAPCE_AI_LLAMA_PYTHON)".into());
+        };
+        let mut child = Command::new(python)
+            .args(["-c", Self::SCRIPT])
+            .arg(&args.model)
+            .arg(args.threads.to_string())
+            .arg(gen_tokens.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot run {}: {e}", python.display()))?;
+        let stdin = child.stdin.take().ok_or("no stdin")?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let mut llama = Self {
+            child,
+            stdin,
+            lines: BufReader::new(stdout).lines(),
+        };
+        // Not counted: the first evaluation allocates llama.cpp's compute buffers.
+        llama.run(&source_file(99, 500))?;
+        Ok(llama)
+    }
+
+    /// (prompt tok/s, generated tok/s, time to first token in s) for one cold prompt.
+    fn run(&mut self, prompt: &str) -> Result<(f64, f64, f64), String> {
         let line = serde_json::to_string(prompt).map_err(|e| e.to_string())?;
-        writeln!(stdin, "{line}").map_err(|e| e.to_string())?;
-        let answer = lines
+        writeln!(self.stdin, "{line}").map_err(|e| e.to_string())?;
+        let answer = self
+            .lines
             .next()
             .ok_or("llama-cpp-python exited")?
             .map_err(|e| e.to_string())?;
-        let v: (f64, f64, f64) = serde_json::from_str(&answer).map_err(|e| e.to_string())?;
-        out.push(v);
+        serde_json::from_str(&answer).map_err(|e| e.to_string())
     }
-    drop(stdin);
-    let _ = child.wait();
-    Ok(out)
+}
+
+impl Drop for LlamaCpp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// Every measurement under the current machine load.
@@ -223,15 +249,19 @@ async fn scenarios(args: &SuiteArgs, rows: &mut Vec<Row>, label: &str) -> Result
     let gen_tokens = 32;
     // Cold prompts: ~2000 characters (~600 tokens) each, all different.
     let prompts: Vec<String> = (0..files).map(|i| source_file(100 + i, 2000)).collect();
+    let defaults = EmbeddedOptions::default();
     let options = EmbeddedOptions {
         threads: Some(args.threads),
-        ..EmbeddedOptions::default()
+        documents: args.documents.unwrap_or(defaults.documents),
+        ..defaults
     };
     let provider = EmbeddedProvider::new(&args.model, options);
     provider.wait_loaded().await.map_err(|e| e.to_string())?;
+    let mut llama = LlamaCpp::start(args, gen_tokens);
     let mut prompt_rates = Vec::new();
     let mut ttfts = Vec::new();
     let mut gen_rates = Vec::new();
+    let mut llama_results = Vec::new();
     for prompt in &prompts {
         let m = run_one(&provider, raw(prompt.clone(), gen_tokens + 1)).await;
         let decoded = m.prompt_tokens.saturating_sub(m.reused_tokens) as f64;
@@ -239,13 +269,19 @@ async fn scenarios(args: &SuiteArgs, rows: &mut Vec<Row>, label: &str) -> Result
         ttfts.push(ttft(&m));
         let generating = m.total.saturating_sub(ttft(&m)).as_secs_f64().max(1e-9);
         gen_rates.push(f64::from(m.generated_tokens.saturating_sub(1)) / generating);
+        if let Ok(l) = &mut llama {
+            match l.run(prompt) {
+                Ok(v) => llama_results.push(v),
+                Err(e) => llama = Err(e),
+            }
+        }
     }
     let median = |v: &[f64]| {
         let mut s = v.to_vec();
         s.sort_by(f64::total_cmp);
         s[s.len() / 2]
     };
-    let llama = llama_cpp_side(args, &prompts, gen_tokens);
+    let llama = llama.map(|_| llama_results);
     let (l_prompt, l_gen, l_ttft) = match &llama {
         Ok(v) => (
             Some(median(&v.iter().map(|x| x.0).collect::<Vec<_>>())),
@@ -291,6 +327,9 @@ async fn scenarios(args: &SuiteArgs, rows: &mut Vec<Row>, label: &str) -> Result
         llama: l_max,
         ..row(format!("{label}: cold TTFT max"), ms(max_ttft), "ms")
     });
+    if args.cold_only {
+        return Ok(());
+    }
 
     // Typing 30 characters at the end of a 20 KB file with a 2 KB suffix, PSM vs SPM templates.
     let keystrokes = if args.quick { 10 } else { 30 };
