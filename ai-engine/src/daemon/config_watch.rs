@@ -58,6 +58,8 @@ pub fn reload(engine: &Engine, watched: &WatchedConfig) {
             let had_error = engine.config_error().is_some();
             if engine.apply_config(config) || had_error {
                 tracing::info!(file = %watched.file.display(), "engine configuration applied");
+                // Build the new providers (and start loading a new local model) before the next keystroke.
+                engine.warm_up();
             }
         }
         Err(error) => {
