@@ -180,15 +180,29 @@ pub fn run(cli: Cli) -> ExitCode {
             detach: false,
             idle_exit,
         } => {
-            let mut config = match EngineConfig::load(cli.config.as_deref()) {
-                Ok(c) => c,
-                Err(e) => return fail(exit::CONFIG, &e.to_string()),
+            // A missing or broken file does not stop the daemon: it serves once the file is fixed.
+            let watched = daemon::config_watch::WatchedConfig::new(cli.config.as_deref());
+            let loaded = match &watched {
+                Some(watched) => watched.load(),
+                None => Ok(EngineConfig::default()),
+            };
+            let (mut config, error) = match loaded {
+                Ok(config) => (config, None),
+                Err(error) => {
+                    tracing::error!("{error} (requests fail until the file is fixed)");
+                    (EngineConfig::default(), Some(error))
+                }
             };
             if let Some(idle_exit) = idle_exit {
                 config.idle_exit = idle_exit.0;
             }
             let factory = default_factory(&config);
-            match daemon::serve(config, &endpoint, factory) {
+            let start = daemon::StartConfig {
+                config,
+                error,
+                watched,
+            };
+            match daemon::serve(start, &endpoint, factory) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e @ TransportError::AlreadyRunning { .. }) => {
                     fail(exit::FAILED, &e.to_string())
@@ -547,6 +561,7 @@ fn print_status(status: &StatusReply, json: bool) {
                 "gpu": status.gpu_backend,
                 "note": status.model_note,
             },
+            "config_error": (!status.config_error.is_empty()).then_some(&status.config_error),
             "idle_exit": {
                 "after_ms": (status.idle_exit_after_ms > 0).then_some(status.idle_exit_after_ms),
                 "in_ms": (status.idle_exit_in_ms != u64::MAX).then_some(status.idle_exit_in_ms),
@@ -582,6 +597,9 @@ fn print_status(status: &StatusReply, json: bool) {
     }
     if !status.model_note.is_empty() {
         println!("  note         {}", status.model_note);
+    }
+    if !status.config_error.is_empty() {
+        println!("  config       {}", status.config_error);
     }
     println!("  connections  {}", status.connections);
     println!("  idle exit    {}", describe_idle_exit(status));

@@ -44,6 +44,7 @@
 //! kind = "anthropic"
 //! model = "claude-sonnet-4-5"
 //! api_key_env = "ANTHROPIC_API_KEY"   # the default for this kind; a literal api_key needs a chmod 600 file
+//! api_key_file = "anthropic.key"      # or a file holding the key (relative to this file's folder; chmod 600)
 //! ```
 
 use std::collections::BTreeMap;
@@ -227,6 +228,9 @@ pub struct ProfileConfig {
     pub api_key_env: Option<String>,
     /// A literal key from the file (only accepted from a file private to its owner).
     pub api_key: Option<ApiKey>,
+    /// A file holding the key, read again whenever the key is needed (so a key written later, or a new
+    /// key, applies to the next request). Only used when private to its owner.
+    pub api_key_file: Option<PathBuf>,
     pub connect_timeout: Duration,
     /// How long a response may go without a byte before the stream fails as stalled.
     pub idle_timeout: Duration,
@@ -259,6 +263,7 @@ impl ProfileConfig {
             model: model.into(),
             api_key_env: None,
             api_key: None,
+            api_key_file: None,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
@@ -314,10 +319,28 @@ impl ProfileConfig {
         PromptPlan::new(style, configured, model_name)
     }
 
-    /// The key to send: the literal `api_key`, else the (non-empty) environment variable.
+    /// The key to send: the literal `api_key`, else the (non-empty) `api_key_file` if it is private to its
+    /// owner, else the (non-empty) environment variable. The environment is the daemon's own, fixed when
+    /// it started; the file is read on every call.
     pub fn resolve_api_key(&self) -> Option<ApiKey> {
         if let Some(key) = &self.api_key {
             return Some(key.clone());
+        }
+        if let Some(file) = &self.api_key_file {
+            match file_is_private(file) {
+                Ok(true) => {
+                    if let Ok(text) = std::fs::read_to_string(file) {
+                        if !text.trim().is_empty() {
+                            return Some(ApiKey::new(text.trim()));
+                        }
+                    }
+                }
+                Ok(false) => tracing::warn!(
+                    file = %file.display(),
+                    "api_key_file is readable by others: not used (run `chmod 600` on it)"
+                ),
+                Err(_) => {}
+            }
         }
         let var = self.effective_api_key_env()?;
         match std::env::var(var) {
@@ -483,6 +506,7 @@ struct RawProfile {
     model: Option<String>,
     api_key_env: Option<String>,
     api_key: Option<Spanned<ApiKey>>,
+    api_key_file: Option<PathBuf>,
     connect_timeout_ms: Option<u64>,
     idle_timeout_ms: Option<u64>,
     request_timeout_ms: Option<u64>,
@@ -657,6 +681,9 @@ impl EngineConfig {
             profile.base_url = raw.base_url.map(Spanned::into_inner);
             profile.api_key_env = raw.api_key_env;
             profile.api_key = raw.api_key.map(Spanned::into_inner);
+            profile.api_key_file = raw
+                .api_key_file
+                .map(|f| file.parent().map_or_else(|| f.clone(), |dir| dir.join(&f)));
             if let Some(ms) = raw.connect_timeout_ms {
                 profile.connect_timeout = Duration::from_millis(ms);
             }

@@ -25,11 +25,18 @@ pub struct FakeOpenAi {
     pub completed: Arc<AtomicUsize>,
     /// Every request body received, in order (what the engine sent: prompts, suffixes, extra fields).
     pub bodies: Arc<Mutex<Vec<String>>>,
+    /// Requests refused with 401 because they lacked the required key.
+    pub unauthorized: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl FakeOpenAi {
     pub async fn start(script: Script) -> Self {
+        Self::start_with_key(script, None).await
+    }
+
+    /// Like [`FakeOpenAi::start`], answering 401 to requests without `Authorization: Bearer KEY`.
+    pub async fn start_with_key(script: Script, key: Option<String>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("fake server");
         let port = listener.local_addr().expect("fake server").port();
         let requests = Arc::new(AtomicUsize::new(0));
@@ -42,6 +49,8 @@ impl FakeOpenAi {
             Arc::clone(&completed),
         );
         let b = Arc::clone(&bodies);
+        let unauthorized = Arc::new(AtomicUsize::new(0));
+        let u = Arc::clone(&unauthorized);
         let task = tokio::spawn(async move {
             loop {
                 let Ok((mut socket, _)) = listener.accept().await else {
@@ -50,10 +59,23 @@ impl FakeOpenAi {
                 let script = script.clone();
                 let (r, a, c) = (Arc::clone(&r), Arc::clone(&a), Arc::clone(&c));
                 let b = Arc::clone(&b);
+                let (u, key) = (Arc::clone(&u), key.clone());
                 tokio::spawn(async move {
-                    let Some((path, body)) = read_request(&mut socket).await else {
+                    let Some((path, head, body)) = read_request(&mut socket).await else {
                         return;
                     };
+                    if let Some(key) = key {
+                        let wanted = format!("authorization: bearer {}", key.to_ascii_lowercase());
+                        if !head
+                            .lines()
+                            .any(|l| l.trim().to_ascii_lowercase() == wanted)
+                        {
+                            u.fetch_add(1, Ordering::SeqCst);
+                            let refusal = "HTTP/1.1 401 Unauthorized\r\ncontent-type: application/json\r\ncontent-length: 42\r\nconnection: close\r\n\r\n{\"error\":{\"message\":\"bad key, try again\"}}";
+                            let _ = socket.write_all(refusal.as_bytes()).await;
+                            return;
+                        }
+                    }
                     b.lock().unwrap_or_else(|p| p.into_inner()).push(body);
                     r.fetch_add(1, Ordering::SeqCst);
                     let chat = path.contains("chat");
@@ -89,6 +111,7 @@ impl FakeOpenAi {
             aborted,
             completed,
             bodies,
+            unauthorized,
             task,
         }
     }
@@ -104,8 +127,8 @@ impl Drop for FakeOpenAi {
     }
 }
 
-/// Reads one HTTP request (headers + content-length body); returns its path and body.
-async fn read_request(socket: &mut tokio::net::TcpStream) -> Option<(String, String)> {
+/// Reads one HTTP request (headers + content-length body); returns its path, head and body.
+async fn read_request(socket: &mut tokio::net::TcpStream) -> Option<(String, String, String)> {
     let mut buffer = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
@@ -135,7 +158,7 @@ async fn read_request(socket: &mut tokio::net::TcpStream) -> Option<(String, Str
             return head
                 .split_whitespace()
                 .nth(1)
-                .map(|path| (path.to_owned(), body));
+                .map(|path| (path.to_owned(), head.clone(), body));
         }
     }
 }

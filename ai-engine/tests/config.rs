@@ -571,3 +571,32 @@ model = "claude"
         Some("http://127.0.0.1:8080")
     );
 }
+
+#[test]
+fn api_key_file_is_relative_to_the_config_private_and_read_on_each_use() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        dir.path(),
+        "[profiles.m]\nkind = \"mistral-fim\"\nmodel = \"codestral-latest\"\napi_key_file = \"keys/m.key\"\n",
+        0o644,
+    );
+    let config = EngineConfig::load(Some(&path)).unwrap();
+    let profile = config.profile("m").unwrap();
+    let key_file = dir.path().join("keys").join("m.key");
+    assert_eq!(profile.api_key_file.as_deref(), Some(key_file.as_path()));
+    assert!(profile.resolve_api_key().is_none(), "no file yet");
+
+    std::fs::create_dir(dir.path().join("keys")).unwrap();
+    std::fs::write(&key_file, format!("{SECRET}\n")).unwrap();
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    assert!(
+        profile.resolve_api_key().is_none(),
+        "a key file others can read is not used"
+    );
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(profile.resolve_api_key().unwrap().expose(), SECRET);
+    std::fs::write(&key_file, "sk-second\n").unwrap();
+    assert_eq!(profile.resolve_api_key().unwrap().expose(), "sk-second");
+    assert!(!format!("{profile:?}").contains("sk-second"));
+}

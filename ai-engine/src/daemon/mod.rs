@@ -1,5 +1,6 @@
 //! The daemon: serves the engine on a transport endpoint, one task per request, with cancel and shutdown.
 
+pub mod config_watch;
 pub mod detach;
 mod idle;
 
@@ -406,12 +407,38 @@ async fn received(signal: &mut std::io::Result<tokio::signal::unix::Signal>) {
     }
 }
 
+/// The configuration a daemon starts with and the file it follows.
+pub struct StartConfig {
+    /// What the file gave, or the defaults when it could not be used (`error` says why).
+    pub config: EngineConfig,
+    /// Why the file could not be used at start; requests fail with it until the file is fixed.
+    pub error: Option<String>,
+    /// The file to watch (`None`: no home directory and no `--config`).
+    pub watched: Option<config_watch::WatchedConfig>,
+}
+
+impl StartConfig {
+    /// Just `config`, with no file behind it (tests, benchmarks).
+    pub fn fixed(config: EngineConfig) -> Self {
+        Self {
+            config,
+            error: None,
+            watched: None,
+        }
+    }
+}
+
 /// Runs the engine in the foreground until a `Shutdown` message, SIGINT, SIGTERM or the idle exit.
 pub fn serve(
-    config: EngineConfig,
+    start: StartConfig,
     endpoint: &Endpoint,
     factory: ProviderFactory,
 ) -> Result<(), TransportError> {
+    let StartConfig {
+        config,
+        error,
+        watched,
+    } = start;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("ai-engine-worker")
@@ -419,6 +446,9 @@ pub fn serve(
         .build()
         .map_err(|e| TransportError::io("starting the async runtime", e))?;
     let engine = Engine::new(config, factory, endpoint.name());
+    if let Some(error) = error {
+        engine.config_failed(error, false);
+    }
     let daemon = DaemonHandler::new(Arc::clone(&engine), runtime.handle().clone());
     let options = ServerOptions {
         server_name: format!("ai-engine {}", env!("CARGO_PKG_VERSION")),
@@ -435,6 +465,9 @@ pub fn serve(
     let server = Server::bind(endpoint, options, Arc::new(Handler(Arc::clone(&daemon))))?;
     engine.warm_up();
     runtime.spawn(Arc::clone(&daemon).exit_when_idle());
+    if let Some(watched) = watched {
+        config_watch::spawn(Arc::clone(&engine), watched, daemon.shutdown.clone());
+    }
     tracing::info!(
         endpoint = endpoint.name(),
         pid = std::process::id(),

@@ -6,7 +6,7 @@ pub mod metrics;
 pub mod registry;
 
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -63,6 +63,9 @@ pub enum EngineError {
     Provider(#[from] ProviderError),
     #[error("the client went away: {0}")]
     ClientGone(String),
+    /// The configuration file could not be used and no earlier version of it was loaded.
+    #[error("engine configuration: {0}")]
+    Config(String),
 }
 
 impl EngineError {
@@ -70,6 +73,7 @@ impl EngineError {
         match self {
             Self::BadRequest(_) => ErrorCode::BadRequest,
             Self::ClientGone(_) => ErrorCode::Cancelled,
+            Self::Config(_) => ErrorCode::Config,
             Self::Provider(e) => match e {
                 ProviderError::Auth(_) => ErrorCode::ProviderAuth,
                 ProviderError::Forbidden(_) => ErrorCode::ProviderForbidden,
@@ -86,9 +90,18 @@ impl EngineError {
     }
 }
 
+/// The configuration in effect and what became of the last attempt to (re)load it.
+struct ConfigState {
+    config: Arc<EngineConfig>,
+    /// Why the file could not be used last time it was read (names the file and line); `None` when it was.
+    error: Option<String>,
+    /// A usable configuration was loaded at some point (the file's, or the defaults when it is absent).
+    loaded: bool,
+}
+
 /// The engine state shared by every connection.
 pub struct Engine {
-    config: EngineConfig,
+    config: RwLock<ConfigState>,
     registry: ProviderRegistry,
     cache: Arc<Mutex<CompletionCache>>,
     /// Completion generations a request that types through their text may adopt.
@@ -115,22 +128,81 @@ impl Engine {
             metrics: Metrics::default(),
             started: Instant::now(),
             endpoint: endpoint.into(),
-            config,
+            config: RwLock::new(ConfigState {
+                config: Arc::new(config),
+                error: None,
+                loaded: true,
+            }),
         })
     }
 
-    pub fn config(&self) -> &EngineConfig {
-        &self.config
+    fn config_state(&self) -> std::sync::RwLockReadGuard<'_, ConfigState> {
+        self.config.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn profile(&self, requested: &str, default: &str) -> Result<&ProfileConfig, EngineError> {
+    /// The configuration in effect now (a snapshot: a reload does not change it under a running request).
+    pub fn config(&self) -> Arc<EngineConfig> {
+        Arc::clone(&self.config_state().config)
+    }
+
+    /// Why the configuration file could not be used when last read, or `None`.
+    pub fn config_error(&self) -> Option<String> {
+        self.config_state().error.clone()
+    }
+
+    /// Applies a reloaded configuration to the next requests. Start-time settings (`[cache]`,
+    /// `idle_exit_minutes`) keep the values the daemon started with; providers of changed profiles are
+    /// rebuilt on their next use and cached completions are dropped. Returns whether anything changed.
+    pub fn apply_config(&self, mut config: EngineConfig) -> bool {
+        let mut state = self.config.write().unwrap_or_else(|p| p.into_inner());
+        config.cache = state.config.cache;
+        config.idle_exit = state.config.idle_exit;
+        let changed = *state.config != config;
+        state.config = Arc::new(config);
+        state.error = None;
+        state.loaded = true;
+        drop(state);
+        if changed {
+            let settings = self.config().cache;
+            let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            *cache = CompletionCache::new(completion::CacheConfig {
+                max_entries: settings.entries,
+                time_to_live: settings.ttl,
+            });
+        }
+        changed
+    }
+
+    /// Records that the configuration file could not be used. The configuration in effect stays; when
+    /// `loaded` is false there never was a usable one, and requests fail with this error until the file is
+    /// fixed.
+    pub fn config_failed(&self, error: String, loaded: bool) {
+        let mut state = self.config.write().unwrap_or_else(|p| p.into_inner());
+        state.error = Some(error);
+        state.loaded = state.loaded && loaded;
+    }
+
+    /// The configuration for a request: an error when the file is broken and nothing usable was loaded.
+    fn request_config(&self) -> Result<Arc<EngineConfig>, EngineError> {
+        let state = self.config_state();
+        match (&state.error, state.loaded) {
+            (Some(error), false) => Err(EngineError::Config(error.clone())),
+            _ => Ok(Arc::clone(&state.config)),
+        }
+    }
+
+    fn profile<'c>(
+        config: &'c EngineConfig,
+        requested: &str,
+        default: &str,
+    ) -> Result<&'c ProfileConfig, EngineError> {
         let name = if requested.is_empty() {
             default
         } else {
             requested
         };
-        self.config.profile(name).ok_or_else(|| {
-            let known: Vec<&str> = self.config.profiles.keys().map(String::as_str).collect();
+        config.profile(name).ok_or_else(|| {
+            let known: Vec<&str> = config.profiles.keys().map(String::as_str).collect();
             EngineError::BadRequest(format!(
                 "unknown profile {name:?} (configured: {})",
                 known.join(", ")
@@ -141,8 +213,9 @@ impl Engine {
     /// Builds providers that are cheap to build and starts loading the embedded model, so the first
     /// completion does not pay for it. Failures are logged; requests report them.
     pub fn warm_up(&self) {
-        for name in [&self.config.completion_profile, &self.config.chat_profile] {
-            if let Some(profile) = self.config.profile(name) {
+        let config = self.config();
+        for name in [&config.completion_profile, &config.chat_profile] {
+            if let Some(profile) = config.profile(name) {
                 if let Err(e) = self.registry.get(profile) {
                     tracing::warn!(profile = %name, error = %e, "provider not ready");
                 }
@@ -152,9 +225,10 @@ impl Engine {
 
     /// An empty store for one client's open documents, bounded by `[context]`.
     pub fn new_workspace(&self) -> WorkspaceStore {
+        let config = self.config();
         WorkspaceStore::new(WorkspaceLimits {
-            max_documents: self.config.context.max_documents,
-            max_document_bytes: self.config.context.max_document_bytes,
+            max_documents: config.context.max_documents,
+            max_document_bytes: config.context.max_document_bytes,
             ..WorkspaceLimits::default()
         })
     }
@@ -179,7 +253,8 @@ impl Engine {
     ) -> Result<Outcome, EngineError> {
         let started = Instant::now();
         Metrics::count(&self.metrics.requests);
-        let profile = self.profile(&request.profile, &self.config.completion_profile)?;
+        let config = self.request_config()?;
+        let profile = Self::profile(&config, &request.profile, &config.completion_profile)?;
         let provider = self.registry.get(profile)?;
         let plan = profile.prompt_plan(provider.model(), provider.supports_native_fim());
         let max_tokens = limit(
@@ -191,7 +266,7 @@ impl Engine {
             .temperature
             .or(request.temperature)
             .unwrap_or(DEFAULT_COMPLETION_TEMPERATURE);
-        let extra_tokens = self.config.context.effective_extra_tokens();
+        let extra_tokens = config.context.effective_extra_tokens();
         let mut prepared = match workspace.filter(|_| extra_tokens > 0) {
             Some(workspace) => {
                 let store = workspace.lock().unwrap_or_else(|p| p.into_inner());
@@ -380,7 +455,8 @@ impl Engine {
             suffix: request.suffix,
             ..CompletionRequest::default()
         };
-        let profile = self.profile(&request.profile, &self.config.completion_profile)?;
+        let config = self.request_config()?;
+        let profile = Self::profile(&config, &request.profile, &config.completion_profile)?;
         let provider = self.registry.get(profile)?;
         let plan = profile.prompt_plan(provider.model(), provider.supports_native_fim());
         let max_tokens = limit(0, profile.max_tokens, DEFAULT_COMPLETION_TOKENS);
@@ -421,7 +497,8 @@ impl Engine {
                 "a chat request needs at least one message".into(),
             ));
         }
-        let profile = self.profile(&request.profile, &self.config.chat_profile)?;
+        let config = self.request_config()?;
+        let profile = Self::profile(&config, &request.profile, &config.chat_profile)?;
         let provider = self.registry.get(profile)?;
         let messages: Vec<ChatTurn> = request
             .messages
@@ -539,16 +616,17 @@ impl Engine {
     /// Engine statistics for `status`.
     pub fn status(&self, connections: u32) -> StatusReply {
         let latencies = self.metrics.latencies();
+        let config = self.config();
         let describe = |name: &str| {
-            self.config
+            config
                 .profile(name)
                 .map(|p| (format!("{} ({})", p.kind, p.name), p.model.clone()))
                 .unwrap_or_default()
         };
-        let (completion_provider, completion_model) = describe(&self.config.completion_profile);
+        let (completion_provider, completion_model) = describe(&config.completion_profile);
         let details = self
             .registry
-            .peek(&self.config.completion_profile)
+            .peek(&config.completion_profile)
             .and_then(|p| p.describe().map(|d| (d, p.model().to_owned())));
         let (details, model_note) = match details {
             Some((d, model)) => {
@@ -557,7 +635,7 @@ impl Engine {
             }
             None => Default::default(),
         };
-        let (chat_provider, chat_model) = describe(&self.config.chat_profile);
+        let (chat_provider, chat_model) = describe(&config.chat_profile);
         use std::sync::atomic::Ordering::Relaxed;
         StatusReply {
             endpoint: self.endpoint.clone(),
@@ -584,6 +662,7 @@ impl Engine {
             // Filled in by the daemon, which tracks its clients.
             idle_exit_after_ms: 0,
             idle_exit_in_ms: u64::MAX,
+            config_error: self.config_error().unwrap_or_default(),
         }
     }
 }

@@ -3,17 +3,24 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use crate::config::{EngineConfig, ProfileConfig, ProviderKind};
+use crate::config::{ApiKey, EngineConfig, ProfileConfig, ProviderKind};
 use crate::provider::{Provider, ProviderError};
 
 /// Builds a provider for a profile. Replaceable so tests and benchmarks can inject instant fakes.
 pub type ProviderFactory =
     Arc<dyn Fn(&ProfileConfig) -> Result<Arc<dyn Provider>, ProviderError> + Send + Sync>;
 
+/// A provider and what it was built from.
+struct Built {
+    profile: ProfileConfig,
+    key: Option<ApiKey>,
+    provider: Arc<dyn Provider>,
+}
+
 /// Lazily built providers, one per profile.
 pub struct ProviderRegistry {
     factory: ProviderFactory,
-    built: Mutex<HashMap<String, Arc<dyn Provider>>>,
+    built: Mutex<HashMap<String, Built>>,
 }
 
 impl ProviderRegistry {
@@ -25,14 +32,26 @@ impl ProviderRegistry {
     }
 
     /// The provider of `profile`, building it on first use. A failed build is not cached (a model pulled
-    /// later, or a key set later, works without restarting the engine).
+    /// later, or a key written later, works without restarting the engine), and a provider is built again
+    /// when its profile was edited or its key changed.
     pub fn get(&self, profile: &ProfileConfig) -> Result<Arc<dyn Provider>, ProviderError> {
+        let key = profile.resolve_api_key();
         let mut built = self.built.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(provider) = built.get(&profile.name) {
-            return Ok(Arc::clone(provider));
+        if let Some(entry) = built.get(&profile.name) {
+            if entry.profile == *profile && entry.key == key {
+                return Ok(Arc::clone(&entry.provider));
+            }
         }
+        built.remove(&profile.name);
         let provider = (self.factory)(profile)?;
-        built.insert(profile.name.clone(), Arc::clone(&provider));
+        built.insert(
+            profile.name.clone(),
+            Built {
+                profile: profile.clone(),
+                key,
+                provider: Arc::clone(&provider),
+            },
+        );
         Ok(provider)
     }
 
@@ -42,7 +61,7 @@ impl ProviderRegistry {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(name)
-            .cloned()
+            .map(|entry| Arc::clone(&entry.provider))
     }
 }
 

@@ -53,9 +53,12 @@ impl HttpEndpoint {
         }
         let api_key = profile.resolve_api_key();
         if api_key.is_none() && profile.kind.requires_api_key() {
-            let hint = match profile.effective_api_key_env() {
-                Some(var) => format!("set the environment variable {var}"),
-                None => "set api_key_env".to_string(),
+            let hint = match (&profile.api_key_file, profile.effective_api_key_env()) {
+                (Some(file), _) => format!("write the key to {} (chmod 600)", file.display()),
+                (None, Some(var)) => format!(
+                    "set api_key_file, or the environment variable {var} and restart the engine (`ai-engine stop`)"
+                ),
+                (None, None) => "set api_key_file or api_key_env".to_string(),
             };
             return Err(ConfigError::profile(
                 &profile.name,

@@ -56,6 +56,39 @@ fn read_string<T>(caller: &mut Caller<'_, T>, ptr: u32, len: u32) -> Result<Stri
     String::from_utf8(read_bytes(caller, ptr, len)?).map_err(|_| UTF_8_ERROR)
 }
 
+/// The open response `handle`.
+fn response<'a, T>(
+    caller: &'a mut Caller<'_, T>,
+    get: fn(&mut T) -> &mut HttpHost,
+    handle: i32,
+) -> Result<&'a mut Response, i32> {
+    get(caller.data_mut())
+        .responses
+        .get_mut(&handle)
+        .ok_or(INVALID_HANDLE)
+}
+
+/// Writes `bytes` into the guest buffer `buf_ptr`/`buf_len` (refused whole when it does not fit) and their
+/// length as a little-endian u32 at `written_ptr`: how every read of a response answers.
+fn write_sized<T>(
+    caller: &mut Caller<'_, T>,
+    bytes: &[u8],
+    buf_ptr: u32,
+    buf_len: u32,
+    written_ptr: u32,
+) -> Result<(), i32> {
+    if bytes.len() > buf_len as usize {
+        return Err(BUFFER_TOO_SMALL);
+    }
+    write_bytes(caller, buf_ptr, bytes)?;
+    write_bytes(caller, written_ptr, &(bytes.len() as u32).to_le_bytes())
+}
+
+/// The ABI's return value: 0, or the error code.
+fn code(result: Result<(), i32>) -> i32 {
+    result.err().unwrap_or(SUCCESS)
+}
+
 /// GET (the only method the volt uses) with a blocking fetch of the whole body, like Lapce's host.
 /// An HTTP answer: status, headers, body.
 type Fetched = (u16, Vec<(String, String)>, Vec<u8>);
@@ -105,7 +138,7 @@ pub fn add_to_linker<T: 'static>(
               status_ptr: u32,
               handle_ptr: u32|
               -> i32 {
-            let result = (|| -> Result<(), i32> {
+            code((|| {
                 let url = read_string(&mut caller, url_ptr, url_len)?;
                 let method = read_string(&mut caller, method_ptr, method_len)?;
                 get(caller.data_mut()).requested.push(url.clone());
@@ -126,8 +159,7 @@ pub fn add_to_linker<T: 'static>(
                 );
                 write_bytes(&mut caller, status_ptr, &status.to_le_bytes())?;
                 write_bytes(&mut caller, handle_ptr, &handle.to_le_bytes())
-            })();
-            result.err().unwrap_or(SUCCESS)
+            })())
         },
     )?;
     linker.func_wrap(
@@ -139,25 +171,13 @@ pub fn add_to_linker<T: 'static>(
               buf_len: u32,
               written_ptr: u32|
               -> i32 {
-            let result = (|| -> Result<(), i32> {
-                let chunk = {
-                    let response = get(caller.data_mut())
-                        .responses
-                        .get_mut(&handle)
-                        .ok_or(INVALID_HANDLE)?;
-                    let n = (buf_len as usize).min(response.body.len() - response.pos);
-                    let chunk = response.body[response.pos..response.pos + n].to_vec();
-                    response.pos += n;
-                    chunk
-                };
-                write_bytes(&mut caller, buf_ptr, &chunk)?;
-                write_bytes(
-                    &mut caller,
-                    written_ptr,
-                    &(chunk.len() as u32).to_le_bytes(),
-                )
-            })();
-            result.err().unwrap_or(SUCCESS)
+            code((|| {
+                let response = response(&mut caller, get, handle)?;
+                let n = (buf_len as usize).min(response.body.len() - response.pos);
+                let chunk = response.body[response.pos..response.pos + n].to_vec();
+                response.pos += n;
+                write_sized(&mut caller, &chunk, buf_ptr, buf_len, written_ptr)
+            })())
         },
     )?;
     linker.func_wrap(
@@ -171,28 +191,16 @@ pub fn add_to_linker<T: 'static>(
               buf_len: u32,
               written_ptr: u32|
               -> i32 {
-            let result = (|| -> Result<(), i32> {
+            code((|| {
                 let name = read_string(&mut caller, name_ptr, name_len)?;
-                let value = get(caller.data_mut())
-                    .responses
-                    .get(&handle)
-                    .ok_or(INVALID_HANDLE)?
+                let value = response(&mut caller, get, handle)?
                     .headers
                     .iter()
                     .find(|(k, _)| k.eq_ignore_ascii_case(&name))
                     .map(|(_, v)| v.clone())
                     .ok_or(HEADER_NOT_FOUND)?;
-                if value.len() > buf_len as usize {
-                    return Err(BUFFER_TOO_SMALL);
-                }
-                write_bytes(&mut caller, buf_ptr, value.as_bytes())?;
-                write_bytes(
-                    &mut caller,
-                    written_ptr,
-                    &(value.len() as u32).to_le_bytes(),
-                )
-            })();
-            result.err().unwrap_or(SUCCESS)
+                write_sized(&mut caller, value.as_bytes(), buf_ptr, buf_len, written_ptr)
+            })())
         },
     )?;
     linker.func_wrap(
@@ -204,22 +212,14 @@ pub fn add_to_linker<T: 'static>(
               buf_len: u32,
               written_ptr: u32|
               -> i32 {
-            let result = (|| -> Result<(), i32> {
-                let all: String = get(caller.data_mut())
-                    .responses
-                    .get(&handle)
-                    .ok_or(INVALID_HANDLE)?
+            code((|| {
+                let all: String = response(&mut caller, get, handle)?
                     .headers
                     .iter()
                     .map(|(k, v)| format!("{k}:{v}\n"))
                     .collect();
-                if all.len() > buf_len as usize {
-                    return Err(BUFFER_TOO_SMALL);
-                }
-                write_bytes(&mut caller, buf_ptr, all.as_bytes())?;
-                write_bytes(&mut caller, written_ptr, &(all.len() as u32).to_le_bytes())
-            })();
-            result.err().unwrap_or(SUCCESS)
+                write_sized(&mut caller, all.as_bytes(), buf_ptr, buf_len, written_ptr)
+            })())
         },
     )?;
     linker.func_wrap(

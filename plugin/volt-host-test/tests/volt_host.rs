@@ -41,6 +41,12 @@ fn initialize_without_options_starts_the_bundled_bridge_with_defaults() {
         by_method(&msgs, "window/showMessage").is_empty(),
         "{msgs:#?}"
     );
+    // lapce-plugin 0.1.2 (the newest on crates.io) has only the notification form of startLspServer,
+    // which Lapce 0.4.6 accepts with this one warning; the request form is only in lapce-plugin's git.
+    assert_eq!(
+        host.lapce_warnings(),
+        ["Usage of startLspServer as a notification is deprecated."]
+    );
     // `initialized` afterwards is accepted quietly and starts nothing more.
     let more = host
         .send(&json!({"jsonrpc": "2.0", "method": "initialized", "params": {}}))

@@ -389,6 +389,9 @@ pub struct StatusReply {
     /// Time left before that exit, not counting the asking client; `u64::MAX` while other clients are
     /// connected or requests run (or when it never exits).
     pub idle_exit_in_ms: u64,
+    /// Why the engine's configuration file could not be used when last read (file:line: message), or empty.
+    /// A broken edit keeps the configuration loaded before it.
+    pub config_error: String,
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
