@@ -593,6 +593,12 @@ impl EngineConfig {
             let inner = e.into_inner();
             let message = inner.message().trim().to_string();
             let key = key_path(&path, &message);
+            // serde quotes the offending value ("invalid type: integer `123…`"): never for a key.
+            let message = if key.rsplit('.').next() == Some("api_key") {
+                "must be a string (the value is not shown: it may be a secret)".to_string()
+            } else {
+                message
+            };
             invalid(inner.span(), &key, message)
         })?;
 

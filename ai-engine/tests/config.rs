@@ -242,6 +242,14 @@ fn bad_type_names_line_and_key() {
 }
 
 #[test]
+fn mistyped_api_key_is_reported_without_its_value() {
+    let text = "[profiles.x]\nkind = \"openai\"\nmodel = \"m\"\napi_key = 98765432123456789\n";
+    let (_, shown) = load_err(text, 0o600);
+    assert!(shown.contains("engine.toml:4: profiles.x.api_key"), "{shown}");
+    assert!(!shown.contains("98765432123456789"), "the value leaked: {shown}");
+}
+
+#[test]
 fn syntax_error_names_line() {
     let (err, shown) = load_err("[cache]\nentries = 3\nttl_secs = = 4\n", 0o644);
     assert!(
