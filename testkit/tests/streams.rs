@@ -6,8 +6,8 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
+use lapce_ai_testkit::{scripted_request, ScriptedHandler, ScriptedPeer};
 use lapce_ai_transport::protocol::{FinishReason, StatusReply, StatusRequest};
-use lapce_ai_transport::testing::{scripted_request, ScriptedHandler, ScriptedPeer};
 use lapce_ai_transport::{
     AsyncClient, ClientOptions, ResponseStream, Server, ServerOptions, StreamEvent, TransportError,
 };

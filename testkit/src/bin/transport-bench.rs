@@ -14,11 +14,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use lapce_ai_testkit::{ScriptedHandler, ScriptedPeer};
 use lapce_ai_transport::protocol::{
     FrameHeader, MessageType, Ping, Pong, StatusReply, StatusRequest, FRAME_HEADER_LEN,
 };
 use lapce_ai_transport::server::{ServerConnection, ServerHandler};
-use lapce_ai_transport::testing::{ScriptedHandler, ScriptedPeer};
 use lapce_ai_transport::{Client, ClientOptions, Endpoint, ReceivedMessage, Server, ServerOptions};
 
 type BoxError = Box<dyn std::error::Error>;
@@ -391,7 +391,7 @@ impl Drop for Peer {
 }
 
 fn shm_leftovers(prefix: &str) -> Vec<String> {
-    lapce_ai_transport::testing::shm_names_with_prefix(prefix)
+    lapce_ai_testkit::shm_names_with_prefix(prefix)
 }
 
 fn assert_no_shm(prefix: &str) -> Res<()> {
@@ -937,7 +937,7 @@ fn null_node(report: &mut Report) {
     }
 }
 
-/// Runs the Node.js scripts in `shared/bench/`; missing `node` is a note, not an error.
+/// Runs the Node.js scripts in `testkit/bench/`; missing `node` is a note, not an error.
 fn bench_node(dir: &BenchDir, sizes: Sizes, report: &mut Report) {
     let scripts = std::env::var_os("TRANSPORT_BENCH_SCRIPTS")
         .map(PathBuf::from)

@@ -5,8 +5,9 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use lapce_ai_testkit as testing;
 use lapce_ai_transport::server::{ServerConnection, ServerHandler};
-use lapce_ai_transport::{testing, Endpoint, ReceivedMessage};
+use lapce_ai_transport::{Endpoint, ReceivedMessage};
 
 /// A private endpoint in its own temp root; on drop asserts that no shared memory of it is left.
 pub struct TestEndpoint {

@@ -6,11 +6,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use lapce_ai_testkit::{ScriptedHandler, ScriptedPeer};
 use lapce_ai_transport::protocol::frame::FRAME_HEADER_LEN;
 use lapce_ai_transport::protocol::{
     self, ErrorCode, ErrorMessage, FrameHeader, MessageType, Ping, Pong,
 };
-use lapce_ai_transport::testing::{ScriptedHandler, ScriptedPeer};
 use lapce_ai_transport::{Client, ClientOptions, Server, ServerOptions, TransportError};
 use support::TestEndpoint;
 
