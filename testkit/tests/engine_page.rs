@@ -5,31 +5,11 @@ mod support;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use lapce_ai_transport::protocol::{Ping, Pong};
 use lapce_ai_transport::segment::EnginePage;
 use lapce_ai_transport::{Client, ClientOptions, Server, ServerOptions};
-use support::{NoApp, TestEndpoint};
-
-const T: Duration = Duration::from_secs(5);
-
-fn ping(client: &mut Client, nonce: u64) -> Duration {
-    let start = Instant::now();
-    client
-        .send(
-            nonce,
-            &Ping {
-                nonce,
-                payload: vec![1; 16],
-            },
-            T,
-        )
-        .unwrap();
-    let pong: Pong = client.recv(T).unwrap().decode_owned().unwrap();
-    assert_eq!(pong.nonce, nonce);
-    start.elapsed()
-}
+use support::{ping, NoApp, TestEndpoint};
 
 /// Maps the endpoint's engine page the way a (hostile) client can.
 fn map_engine_page(ep: &TestEndpoint) -> (std::fs::File, EnginePage) {

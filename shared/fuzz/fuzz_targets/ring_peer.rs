@@ -111,18 +111,19 @@ enum Reader {
 }
 
 impl Reader {
-    /// One read. `false` when the reader reported a violation (the connection would close here).
-    fn step(&mut self, capacity: usize) -> bool {
+    /// One read. `None` when the reader reported a violation (the connection would close here), else
+    /// whether it found anything.
+    fn step(&mut self, capacity: usize) -> Option<bool> {
         match self {
             Reader::Raw(consumer, out) => match consumer.read_into(out) {
                 Ok(true) => {
                     assert!(out.len() <= ring::max_record_payload(capacity));
-                    true
+                    Some(true)
                 }
-                Ok(false) => true,
+                Ok(false) => Some(false),
                 Err(e) => {
                     let _ = e.to_string();
-                    false
+                    None
                 }
             },
             Reader::Frames(receiver) => match receiver.poll() {
@@ -132,16 +133,16 @@ impl Reader {
                     assert!(message.payload.len() <= MAX_MESSAGE as usize);
                     // Hostile bytes through rkyv validation: an error, never a panic.
                     let _ = message.decode::<Ping>();
-                    true
+                    Some(true)
                 }
-                Ok(Received::Nothing) => true,
+                Ok(Received::Nothing) => Some(false),
                 Ok(Received::Rejected { error, .. }) => {
                     assert!(!error.is_fatal());
-                    true
+                    Some(true)
                 }
                 Err(e) => {
                     let _ = e.to_string();
-                    false
+                    None
                 }
             },
         }
@@ -273,15 +274,15 @@ fuzz_target!(|input: &[u8]| {
             }
             // Read.
             _ => {
-                if !reader.step(capacity) {
+                if reader.step(capacity).is_none() {
                     return;
                 }
             }
         }
     }
-    // Drain what is left (bounded: at most one record per 8 bytes of ring).
+    // Drain what is left (bounded: at most one record per 8 bytes of ring), until the reader finds nothing.
     for _ in 0..capacity / 8 + 1 {
-        if !reader.step(capacity) {
+        if reader.step(capacity) != Some(true) {
             return;
         }
     }

@@ -129,3 +129,23 @@ impl Drop for Peer {
         self.kill9();
     }
 }
+
+/// One ping/pong round trip with a 64-byte payload; returns how long it took.
+pub fn ping(client: &mut lapce_ai_transport::Client, nonce: u64) -> std::time::Duration {
+    use lapce_ai_transport::protocol::{Ping, Pong};
+    let timeout = std::time::Duration::from_secs(5);
+    let start = std::time::Instant::now();
+    client
+        .send(
+            nonce,
+            &Ping {
+                nonce,
+                payload: vec![7; 64],
+            },
+            timeout,
+        )
+        .unwrap();
+    let pong: Pong = client.recv(timeout).unwrap().decode_owned().unwrap();
+    assert_eq!(pong.nonce, nonce);
+    start.elapsed()
+}
