@@ -46,7 +46,7 @@ fn a_peer_that_rewrites_the_engine_page_keeps_no_one_waiting() {
             while !stop.load(Ordering::Relaxed) {
                 n = n.wrapping_add(1);
                 if scribble_sequence.load(Ordering::Relaxed) {
-                    let bits = if n % 2 == 0 { u64::MAX } else { 0 };
+                    let bits = if n.is_multiple_of(2) { u64::MAX } else { 0 };
                     page.hostile_write(0, Some(n.wrapping_mul(2_654_435_761)), Some(bits));
                 } else {
                     page.hostile_write(0, None, None);
