@@ -229,7 +229,11 @@ impl SlotSegment {
 
     /// Server side, before the reactor re-checks this slot and sleeps: asks the client to wake it.
     pub fn arm_server_wakeup(&self) {
-        self.control().server_armed.0.store(1, Ordering::Relaxed);
+        let armed = &self.control().server_armed.0;
+        // Only write when it changes: an idle client's line then stays shared in both caches.
+        if armed.load(Ordering::Relaxed) != 1 {
+            armed.store(1, Ordering::Relaxed);
+        }
     }
 
     /// Client side, after publishing (data or space): wakes the engine's reactor if it sleeps. Costs a fence

@@ -41,7 +41,7 @@ fn quick_bench_reports_every_required_key() {
         "msgs_per_sec_64b",
         "msgs_per_sec_64b_run5",
         "msgs_per_sec_64b_per_message",
-        "msgs_per_sec_64b_no_crc",
+        "msgs_per_sec_64b_crc",
         "client_idle_cpu_ticks",
         "connect_first_tenth_avg_us",
         "connect_last_tenth_avg_us",

@@ -235,6 +235,7 @@ fn service(shared: &Shared, slot: &mut Slot) -> Result<bool, DisconnectReason> {
         }
     }
     did_work |= slot.connection.writer.wake_if_space();
+    let mut consumed = false;
     for _ in 0..BATCH {
         if !slot.deferred.is_empty() {
             break;
@@ -247,6 +248,7 @@ fn service(shared: &Shared, slot: &mut Slot) -> Result<bool, DisconnectReason> {
             Received::Nothing => break,
             Received::Rejected { message_id, error } => {
                 did_work = true;
+                consumed = true;
                 let code = match error {
                     FrameError::UnsupportedVersion { .. } => ErrorCode::VersionMismatch,
                     FrameError::TooLarge { .. } => ErrorCode::MessageTooLarge,
@@ -262,11 +264,14 @@ fn service(shared: &Shared, slot: &mut Slot) -> Result<bool, DisconnectReason> {
             }
             Received::Message => {
                 did_work = true;
+                consumed = true;
                 dispatch(shared, slot)?;
             }
         }
     }
-    if slot.receiver.take_peer_waiting_for_space() {
+    // Only a pass that released ring space can owe the client a wake-up (a client that announced its wait
+    // after our last release re-checks the head itself): idle connections cost no fence here.
+    if consumed && slot.receiver.take_peer_waiting_for_space() {
         slot.connection.segment.client_bell().ring();
     }
     Ok(did_work)
