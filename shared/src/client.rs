@@ -56,7 +56,7 @@ impl Default for ClientOptions {
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             max_spin: Duration::from_micros(50),
             liveness_interval: Duration::from_millis(20),
-            idle_liveness_interval: Duration::from_secs(2),
+            idle_liveness_interval: Duration::from_secs(30),
             frame_crc: true,
         }
     }
