@@ -320,6 +320,11 @@ impl RingConsumer {
         self.capacity as usize
     }
 
+    /// Bytes consumed so far (the head this consumer owns): it moves whenever ring space is released.
+    pub fn position(&self) -> u64 {
+        self.head
+    }
+
     /// True if a record may be available (cheap check used while spinning).
     pub fn has_data(&self) -> bool {
         if self.head != self.cached_tail {

@@ -235,7 +235,7 @@ fn service(shared: &Shared, slot: &mut Slot) -> Result<bool, DisconnectReason> {
         }
     }
     did_work |= slot.connection.writer.wake_if_space();
-    let mut consumed = false;
+    let head_before = slot.receiver.consumer().position();
     for _ in 0..BATCH {
         if !slot.deferred.is_empty() {
             break;
@@ -248,7 +248,6 @@ fn service(shared: &Shared, slot: &mut Slot) -> Result<bool, DisconnectReason> {
             Received::Nothing => break,
             Received::Rejected { message_id, error } => {
                 did_work = true;
-                consumed = true;
                 let code = match error {
                     FrameError::UnsupportedVersion { .. } => ErrorCode::VersionMismatch,
                     FrameError::TooLarge { .. } => ErrorCode::MessageTooLarge,
@@ -264,14 +263,15 @@ fn service(shared: &Shared, slot: &mut Slot) -> Result<bool, DisconnectReason> {
             }
             Received::Message => {
                 did_work = true;
-                consumed = true;
                 dispatch(shared, slot)?;
             }
         }
     }
-    // Only a pass that released ring space can owe the client a wake-up (a client that announced its wait
-    // after our last release re-checks the head itself): idle connections cost no fence here.
-    if consumed && slot.receiver.take_peer_waiting_for_space() {
+    // Only a pass that released ring space (whole messages or fragments) can owe the client a wake-up (a
+    // client that announced its wait after our last release re-checks the head itself): idle connections
+    // cost no fence here.
+    let released = slot.receiver.consumer().position() != head_before;
+    if released && slot.receiver.take_peer_waiting_for_space() {
         slot.connection.segment.client_bell().ring();
     }
     Ok(did_work)
