@@ -111,7 +111,7 @@ impl Daemon {
         tokio::task::spawn_blocking(move || server.shutdown())
             .await
             .unwrap();
-        lapce_ai_transport::testing::assert_endpoint_clean(&self.endpoint);
+        lapce_ai_testkit::assert_endpoint_clean(&self.endpoint);
     }
 }
 

@@ -2,18 +2,20 @@
 //!
 //! A pump thread owns the receiving ring (tokio cannot wait on a futex): it spins, then sleeps on the slot's
 //! doorbell, routes every message to the request that owns its id, and re-checks the engine's lock while it
-//! sleeps so a dead engine fails every pending request within the liveness interval.
+//! sleeps so a dead engine fails every pending request within the liveness interval (an idle connection checks
+//! only every `idle_liveness_interval`, so idle clients cost no CPU).
 
+use crate::util::lock;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use rkyv::util::AlignedVec;
 use tokio::sync::mpsc;
 
-use crate::client::{ClientOptions, ClientParts, ConnectionInfo, EngineLink};
-use crate::doorbell::{self, SpinPolicy, WaitOutcome};
+use crate::client::{wait_step, ClientOptions, ClientParts, ConnectionInfo, EngineLink, Wait};
+use crate::doorbell::SpinPolicy;
 use crate::endpoint::Endpoint;
 use crate::error::TransportError;
 use crate::framing::{AsyncWriter, FrameReceiver, Received, ReceivedMessage};
@@ -50,10 +52,6 @@ struct Inner {
     stop: AtomicBool,
     slot_lock: Mutex<Option<HeldLock>>,
     segment: SlotSegment,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Inner {
@@ -98,7 +96,7 @@ impl Inner {
                 message_type,
                 message_id,
                 payload,
-                || self.engine.ring(),
+                || self.engine.ring(&self.segment),
                 || self.check_open(),
             )
             .await
@@ -170,7 +168,7 @@ impl Drop for Handle {
                 let _ = inner
                     .writer
                     .try_send(MessageType::Goodbye.code(), 0, &bytes);
-                inner.engine.ring();
+                inner.engine.ring(&inner.segment);
             }
         }
         if let Some(slot_lock) = lock(&inner.slot_lock).take() {
@@ -311,6 +309,9 @@ impl AsyncClient {
             lock(&inner.routes).remove(&id);
             return Err(e);
         }
+        // A pump asleep on the idle interval now has a request to watch: wake it so it checks the engine's
+        // liveness at the short interval (a syscall only when it sleeps).
+        inner.segment.client_bell().ring();
         Ok(ResponseStream {
             client: self.clone(),
             id,
@@ -496,7 +497,7 @@ impl Drop for ResponseStream {
                     .try_send(MessageType::Cancel.code(), self.id, &payload),
                 Ok(true)
             ) {
-                inner.engine.ring();
+                inner.engine.ring(&inner.segment);
             }
         }
     }
@@ -523,27 +524,46 @@ fn pump(inner: &Inner, mut receiver: FrameReceiver) {
             }
         }
         if receiver.take_peer_waiting_for_space() {
-            inner.engine.ring();
+            inner.engine.ring(&inner.segment);
         }
         inner.writer.wake_if_space();
         if inner.segment.server_closed() {
             inner.fail_all(|| TransportError::Closed("the engine closed this connection".into()));
             return;
         }
-        let outcome = doorbell::wait_on(
-            inner.segment.client_bell(),
+        // With requests outstanding the engine's liveness is checked often; an idle connection sleeps long,
+        // and a new request wakes it (see `AsyncClient::request`).
+        let busy = !lock(&inner.routes).is_empty();
+        let wait = if busy {
+            Wait::for_interval(inner.options.liveness_interval, true)
+        } else {
+            Wait::for_interval(inner.options.idle_liveness_interval, false)
+        };
+        if let Err(e) = wait_step(
+            &inner.engine,
+            &inner.segment,
             &mut spin,
-            inner.options.liveness_interval,
+            wait,
+            "waiting for the engine",
             || {
                 inner.stop.load(Ordering::Relaxed)
                     || receiver.has_data()
-                    || inner.segment.server_closed()
                     || inner.writer.space_wanted_and_available()
             },
-        );
-        if outcome == WaitOutcome::Slept && !inner.engine.alive() {
-            tracing::warn!(endpoint = inner.engine.endpoint.name(), "engine went away");
-            inner.fail_all(|| inner.engine.gone());
+        ) {
+            match e {
+                TransportError::ServerGone(_) => {
+                    tracing::warn!(endpoint = inner.engine.endpoint.name(), "engine went away");
+                    inner.fail_all(|| inner.engine.gone());
+                }
+                TransportError::Closed(why) => {
+                    inner.fail_all(|| TransportError::Closed(why.clone()))
+                }
+                other => {
+                    let why = other.to_string();
+                    inner.fail_all(|| TransportError::Protocol(why.clone()));
+                }
+            }
             return;
         }
     }

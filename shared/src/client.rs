@@ -2,7 +2,9 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use crate::doorbell::{self, SpinPolicy, WaitOutcome};
@@ -16,9 +18,10 @@ use crate::protocol::{
     PayloadEncoder, PROTOCOL_VERSION,
 };
 use crate::segment::{EnginePage, SlotSegment};
+use crate::util::lock;
 
-/// Highest slot number a client will try.
-pub const MAX_SLOTS: u32 = 4096;
+/// Highest slot number + 1 a client will try.
+pub use crate::segment::MAX_SLOTS;
 
 /// How a client connects.
 #[derive(Debug, Clone)]
@@ -33,8 +36,14 @@ pub struct ClientOptions {
     pub max_message_bytes: u32,
     /// Longest busy-wait before sleeping (adaptive below this).
     pub max_spin: Duration,
-    /// How often a sleeping client re-checks that the engine is alive.
+    /// How often a client that waits for the engine (a reply, ring space) re-checks that it is alive.
     pub liveness_interval: Duration,
+    /// The same for an async client with nothing outstanding: an idle connection wakes this rarely, so idle
+    /// clients cost no measurable CPU. A new request wakes the pump, which then uses `liveness_interval`.
+    pub idle_liveness_interval: Duration,
+    /// CRC32 on every frame this client sends (the engine verifies it when present). On by default; the cost
+    /// is measured in docs/BENCHMARKS.md.
+    pub frame_crc: bool,
 }
 
 impl Default for ClientOptions {
@@ -47,15 +56,84 @@ impl Default for ClientOptions {
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             max_spin: Duration::from_micros(50),
             liveness_interval: Duration::from_millis(20),
+            idle_liveness_interval: Duration::from_secs(30),
+            frame_crc: true,
         }
     }
 }
 
-/// The engine as the client sees it: its lock file (liveness) and doorbell page.
-pub(crate) struct EngineLink {
-    pub(crate) endpoint: Endpoint,
+/// One engine's lock file and mapped page, shared by every connection of this process to that engine.
+struct EngineMapping {
+    path: PathBuf,
+    /// Device and inode of the mapped engine.lock: a restarted engine may create a new file at the same path.
+    file_id: (u64, u64),
     lock_file: File,
     page: EnginePage,
+}
+
+/// The process's engine mappings, one per engine.lock file in use (not one per connection, nor per slot).
+static MAPPINGS: Mutex<Vec<Weak<EngineMapping>>> = Mutex::new(Vec::new());
+
+impl EngineMapping {
+    /// The mapping of the engine.lock now at `path`, shared if this process has it already.
+    fn get(path: &Path) -> Result<Option<Arc<Self>>, TransportError> {
+        let meta = match std::fs::symlink_metadata(path) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => {
+                return Err(TransportError::io(
+                    format!("inspecting {}", path.display()),
+                    e,
+                ))
+            }
+        };
+        let file_id = (meta.dev(), meta.ino());
+        let mut mappings = lock(&MAPPINGS);
+        mappings.retain(|weak| weak.strong_count() > 0);
+        if let Some(found) = mappings
+            .iter()
+            .filter_map(Weak::upgrade)
+            .find(|m| m.path == path && m.file_id == file_id)
+        {
+            return Ok(Some(found));
+        }
+        let lock_file = match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+            .open(path)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(TransportError::io(format!("opening {}", path.display()), e)),
+        };
+        let opened = lock_file
+            .metadata()
+            .map_err(|e| TransportError::io("inspecting the engine lock", e))?;
+        if (opened.dev(), opened.ino()) != file_id {
+            // Replaced between the stat and the open: let the caller retry later.
+            return Ok(None);
+        }
+        let Some(page) = EnginePage::open(&lock_file)
+            .map_err(|e| TransportError::io("mapping the engine page", e))?
+        else {
+            return Ok(None);
+        };
+        let mapping = Arc::new(Self {
+            path: path.to_owned(),
+            file_id,
+            lock_file,
+            page,
+        });
+        mappings.push(Arc::downgrade(&mapping));
+        Ok(Some(mapping))
+    }
+}
+
+/// The engine as one connection sees it: the shared mapping plus the incarnation it connected to.
+pub(crate) struct EngineLink {
+    pub(crate) endpoint: Endpoint,
+    mapping: Arc<EngineMapping>,
     /// The engine we connected to; a restarted engine publishes another number in the same page.
     incarnation: u64,
 }
@@ -63,47 +141,46 @@ pub(crate) struct EngineLink {
 impl EngineLink {
     /// Opens the engine's lock file; `NoServer` unless an engine holds it and has published its page.
     pub(crate) fn open(endpoint: &Endpoint) -> Result<Self, TransportError> {
-        let path = endpoint.engine_lock_path();
         let no_server = || TransportError::NoServer(endpoint.name().to_owned());
-        let lock_file = match OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
-            .open(&path)
-        {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(no_server()),
-            Err(e) => return Err(TransportError::io(format!("opening {}", path.display()), e)),
-        };
-        let alive = lockfile::is_locked_by_other(&lock_file)
+        let mapping = EngineMapping::get(&endpoint.engine_lock_path())?.ok_or_else(no_server)?;
+        let alive = lockfile::is_locked_by_other(&mapping.lock_file)
             .map_err(|e| TransportError::io("probing the engine lock", e))?;
         if !alive {
             return Err(no_server());
         }
-        let page = EnginePage::open(&lock_file)
-            .map_err(|e| TransportError::io("mapping the engine page", e))?
-            .ok_or_else(no_server)?;
-        let incarnation = page.incarnation();
+        let incarnation = mapping.page.incarnation();
         if incarnation == 0 {
             // Locked, but still starting up.
             return Err(no_server());
         }
         Ok(Self {
             endpoint: endpoint.clone(),
-            lock_file,
-            page,
+            mapping,
             incarnation,
         })
     }
 
-    /// True while the engine we connected to holds its lock (not a restarted one on the same file).
-    pub(crate) fn alive(&self) -> bool {
-        self.page.incarnation() == self.incarnation
-            && lockfile::is_locked_by_other(&self.lock_file).unwrap_or(false)
+    pub(crate) fn page(&self) -> &EnginePage {
+        &self.mapping.page
     }
 
-    pub(crate) fn ring(&self) {
-        self.page.bell().ring();
+    /// True while the engine we connected to holds its lock (not a restarted one on the same file).
+    pub(crate) fn alive(&self) -> bool {
+        self.page().incarnation() == self.incarnation
+            && lockfile::is_locked_by_other(&self.mapping.lock_file).unwrap_or(false)
+    }
+
+    /// Wakes the engine's reactor if it sleeps (through this connection's slot: see
+    /// [`SlotSegment::wake_server`]).
+    pub(crate) fn ring(&self, segment: &SlotSegment) {
+        segment.wake_server(self.page());
+    }
+
+    /// Wakes the reactor unconditionally (one syscall). A client that waited a whole liveness interval for the
+    /// engine does this, so a wake-up lost to a peer that scribbled on the shared page costs at most one
+    /// interval, never a stall.
+    pub(crate) fn nudge(&self) {
+        self.page().bell().ring_always();
     }
 
     pub(crate) fn gone(&self) -> TransportError {
@@ -138,7 +215,7 @@ impl ClientParts {
     fn connect(endpoint: &Endpoint, options: ClientOptions) -> Result<Self, TransportError> {
         endpoint.ensure_dirs()?;
         let engine = EngineLink::open(endpoint)?;
-        let (slot, slot_lock) = claim_slot(endpoint)?;
+        let (slot, slot_lock) = claim_slot(endpoint, engine.page())?;
         let segment = match SlotSegment::create(
             options.client_to_server_ring_bytes,
             options.server_to_client_ring_bytes,
@@ -146,30 +223,37 @@ impl ClientParts {
         ) {
             Ok(segment) => segment,
             Err(e) => {
-                slot_lock.remove();
+                release_slot(&engine, slot, slot_lock);
                 return Err(e);
             }
         };
-        let result = Self::handshake(engine, segment, slot, &slot_lock, options);
-        match result {
-            Ok(mut parts) => {
-                parts.slot_lock = Some(slot_lock);
-                Ok(parts)
+        match Self::handshake(&engine, &segment, slot, &slot_lock, &options) {
+            Ok((mut sender, receiver, info)) => {
+                sender.set_crc(options.frame_crc);
+                Ok(Self {
+                    engine,
+                    segment,
+                    slot_lock: Some(slot_lock),
+                    sender,
+                    receiver,
+                    info,
+                    options,
+                })
             }
             Err(e) => {
-                slot_lock.remove();
+                release_slot(&engine, slot, slot_lock);
                 Err(e)
             }
         }
     }
 
     fn handshake(
-        engine: EngineLink,
-        segment: SlotSegment,
+        engine: &EngineLink,
+        segment: &SlotSegment,
         slot: u32,
         slot_lock: &HeldLock,
-        options: ClientOptions,
-    ) -> Result<Self, TransportError> {
+        options: &ClientOptions,
+    ) -> Result<(FrameSender, FrameReceiver, ConnectionInfo), TransportError> {
         // SAFETY: called once; the ends live inside ClientParts next to the segment that backs them.
         let (producer, consumer) = unsafe { segment.client_ends()? };
         let mut sender = FrameSender::new(producer);
@@ -210,25 +294,14 @@ impl ClientParts {
                 Received::Rejected { error, .. } => return Err(error.into()),
                 Received::Nothing => {}
             }
-            if segment.server_closed() {
-                return Err(TransportError::Closed(
-                    "the engine closed the connection during the handshake".into(),
-                ));
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(TransportError::Timeout(
-                    "waiting for the engine's hello-ack",
-                ));
-            }
-            let wait = (deadline - now).min(options.liveness_interval);
-            if doorbell::wait_on(segment.client_bell(), &mut spin, wait, || {
-                receiver.has_data() || segment.server_closed()
-            }) == WaitOutcome::Slept
-                && !engine.alive()
-            {
-                return Err(engine.gone());
-            }
+            wait_step(
+                engine,
+                segment,
+                &mut spin,
+                Wait::until(deadline, options.liveness_interval),
+                "waiting for the engine's hello-ack",
+                || receiver.has_data(),
+            )?;
         }
         let message = receiver.message();
         let info = match message.message_type() {
@@ -263,15 +336,7 @@ impl ClientParts {
                 )))
             }
         };
-        Ok(Self {
-            engine,
-            segment,
-            slot_lock: None,
-            sender,
-            receiver,
-            info,
-            options,
-        })
+        Ok((sender, receiver, info))
     }
 
     /// Sends goodbye (best effort) and releases the slot.
@@ -284,32 +349,62 @@ impl ClientParts {
                 let _ = self
                     .sender
                     .try_send(MessageType::Goodbye.code(), 0, &bytes, &mut progress);
-                self.engine.ring();
+                self.engine.ring(&self.segment);
             }
         }
         if let Some(lock) = self.slot_lock.take() {
-            lock.remove();
+            release_slot(&self.engine, self.info.slot, lock);
         }
     }
 }
 
-/// Claims the lowest free slot by taking its lock.
-fn claim_slot(endpoint: &Endpoint) -> Result<(u32, HeldLock), TransportError> {
-    for slot in 0..MAX_SLOTS {
-        let path = endpoint.slot_lock_path(slot);
-        // Probe busy slots read-only first: closing a read-write probe would look like a client death to the
-        // engine's inotify watch and make it re-check every slot we pass.
-        if let Ok(Some(TryLock::Busy)) = HeldLock::try_acquire_existing(&path) {
-            continue;
+/// Busy slots a client tries from the engine page's bitmap before it falls back to scanning every slot.
+const HINT_TRIES: u32 = 16;
+
+/// Claims a free slot by taking its lock: first the slots the engine page's bitmap calls free (usually the
+/// first one is), then, if the bitmap is wrong or full (a hostile peer, a race with other clients), every slot.
+fn claim_slot(endpoint: &Endpoint, page: &EnginePage) -> Result<(u32, HeldLock), TransportError> {
+    for _ in 0..HINT_TRIES {
+        let Some(slot) = page.free_slot_hint() else {
+            break;
+        };
+        // A wrong bit is repaired either way: taken now by us, or busy (held by someone else).
+        if let Some(lock) = try_slot(endpoint, slot)? {
+            page.mark_slot(slot, true);
+            return Ok((slot, lock));
         }
-        match HeldLock::try_acquire(&path)
-            .map_err(|e| TransportError::io(format!("locking {}", path.display()), e))?
-        {
-            TryLock::Acquired(lock) => return Ok((slot, lock)),
-            TryLock::Busy => continue,
+        page.mark_slot(slot, true);
+    }
+    tracing::debug!("the engine page's slot bitmap had no usable hint; scanning every slot");
+    for slot in 0..MAX_SLOTS {
+        if let Some(lock) = try_slot(endpoint, slot)? {
+            page.mark_slot(slot, true);
+            return Ok((slot, lock));
         }
     }
     Err(TransportError::NoFreeSlot(MAX_SLOTS))
+}
+
+/// Takes `slot`'s lock if nobody holds it.
+fn try_slot(endpoint: &Endpoint, slot: u32) -> Result<Option<HeldLock>, TransportError> {
+    let path = endpoint.slot_lock_path(slot);
+    // Probe busy slots read-only first: closing a read-write probe would look like a client death to the
+    // engine's inotify watch and make it re-check the slot.
+    if let Ok(Some(TryLock::Busy)) = HeldLock::try_acquire_existing(&path) {
+        return Ok(None);
+    }
+    match HeldLock::try_acquire(&path)
+        .map_err(|e| TransportError::io(format!("locking {}", path.display()), e))?
+    {
+        TryLock::Acquired(lock) => Ok(Some(lock)),
+        TryLock::Busy => Ok(None),
+    }
+}
+
+/// Releases a slot: unlinks its lock file while holding it and clears its bit in the engine page.
+fn release_slot(engine: &EngineLink, slot: u32, slot_lock: HeldLock) {
+    slot_lock.remove();
+    engine.page().mark_slot(slot, false);
 }
 
 fn random_generation() -> u64 {
@@ -390,6 +485,46 @@ impl Client {
         )
     }
 
+    /// Sends already-encoded messages as one batch: frames are written back to back and made visible with one
+    /// tail store and one doorbell check (one fence) per batch, instead of one per message. When the ring
+    /// fills, what is written is published and the rest waits for space as in [`Client::send_raw`]; a message
+    /// larger than one fragment is sent on its own.
+    pub fn send_raw_batch<'p>(
+        &mut self,
+        messages: impl IntoIterator<Item = (u16, u64, &'p [u8])>,
+        timeout: Duration,
+    ) -> Result<(), TransportError> {
+        let parts = &mut self.parts;
+        let max = parts.info.max_message_bytes as usize;
+        for (message_type, message_id, payload) in messages {
+            if payload.len() > max {
+                return Err(TransportError::MessageTooLarge {
+                    len: payload.len(),
+                    max,
+                });
+            }
+            if parts.sender.queue(message_type, message_id, payload)? {
+                continue;
+            }
+            // Full, or too large for one frame: publish the batch so far, then send this one the slow way.
+            if parts.sender.publish() {
+                parts.engine.ring(&parts.segment);
+            }
+            send_blocking(
+                parts,
+                &mut self.spin,
+                message_type,
+                message_id,
+                payload,
+                timeout,
+            )?;
+        }
+        if parts.sender.publish() {
+            parts.engine.ring(&parts.segment);
+        }
+        Ok(())
+    }
+
     /// Waits up to `timeout` for the next complete message.
     pub fn recv(&mut self, timeout: Duration) -> Result<ReceivedMessage<'_>, TransportError> {
         // The clock is read only when we have to wait (the fast path makes no syscall).
@@ -399,7 +534,7 @@ impl Client {
             match parts.receiver.poll()? {
                 Received::Message => {
                     if parts.receiver.take_peer_waiting_for_space() {
-                        parts.engine.ring();
+                        parts.engine.ring(&parts.segment);
                     }
                     return Ok(parts.receiver.message());
                 }
@@ -410,15 +545,16 @@ impl Client {
                 Received::Nothing => {}
             }
             if parts.receiver.take_peer_waiting_for_space() {
-                parts.engine.ring();
+                parts.engine.ring(&parts.segment);
             }
             let deadline = *deadline.get_or_insert_with(|| Instant::now() + timeout);
             wait_step(
-                parts,
+                &parts.engine,
+                &parts.segment,
                 &mut self.spin,
-                deadline,
+                Wait::until(deadline, parts.options.liveness_interval),
                 "waiting for a message",
-                |p| p.receiver.has_data(),
+                || parts.receiver.has_data(),
             )?;
         }
     }
@@ -432,14 +568,14 @@ impl Client {
             .raw_producer()
             .try_write(bytes.len(), |out| out.copy_from_slice(bytes));
         assert!(matches!(written, Ok(true)), "hostile record did not fit");
-        self.parts.engine.ring();
+        self.parts.engine.ring(&self.parts.segment);
     }
 
     /// Test hook: overwrites the published tail index of the client-to-engine ring.
     #[cfg(feature = "test-hooks")]
     pub fn hostile_set_tail(&mut self, tail: u64) {
         self.parts.segment.hostile_set_client_to_server_tail(tail);
-        self.parts.engine.ring();
+        self.parts.engine.ring(&self.parts.segment);
     }
 
     /// Closes gracefully (goodbye, slot released). Also done on drop.
@@ -461,29 +597,71 @@ impl Drop for Client {
     }
 }
 
-/// One bounded wait on the client's doorbell; errors when the engine died, closed us, or the deadline passed.
-fn wait_step(
-    parts: &ClientParts,
+/// How long one [`wait_step`] may sleep.
+pub(crate) struct Wait {
+    /// Give up with `Timeout` at this instant.
+    deadline: Option<Instant>,
+    /// Longest sleep before the engine's liveness is checked.
+    interval: Duration,
+    /// True when the caller waits for the engine (a reply, ring space): after a sleep without progress it
+    /// nudges the reactor, in case its wake-up was lost to a peer that scribbled on the shared engine page.
+    expecting_engine: bool,
+}
+
+impl Wait {
+    pub(crate) fn until(deadline: Instant, interval: Duration) -> Self {
+        Self {
+            deadline: Some(deadline),
+            interval,
+            expecting_engine: true,
+        }
+    }
+
+    pub(crate) fn for_interval(interval: Duration, expecting_engine: bool) -> Self {
+        Self {
+            deadline: None,
+            interval,
+            expecting_engine,
+        }
+    }
+}
+
+/// The one client wait: spins, then sleeps on the slot's doorbell until `ready`, the engine closes this
+/// connection, or the interval passes; after a sleep without `ready` it checks that the engine still lives.
+/// Errors when the engine died or closed us, or the deadline passed.
+pub(crate) fn wait_step(
+    engine: &EngineLink,
+    segment: &SlotSegment,
     spin: &mut SpinPolicy,
-    deadline: Instant,
+    wait: Wait,
     what: &'static str,
-    ready: impl Fn(&ClientParts) -> bool,
+    mut ready: impl FnMut() -> bool,
 ) -> Result<(), TransportError> {
-    if parts.segment.server_closed() {
+    if segment.server_closed() {
         return Err(TransportError::Closed(
             "the engine closed this connection".into(),
         ));
     }
-    let now = Instant::now();
-    if now >= deadline {
-        return Err(TransportError::Timeout(what));
-    }
-    let wait = (deadline - now).min(parts.options.liveness_interval);
-    let outcome = doorbell::wait_on(parts.segment.client_bell(), spin, wait, || {
-        ready(parts) || parts.segment.server_closed()
+    let sleep = match wait.deadline {
+        Some(deadline) => {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(TransportError::Timeout(what));
+            }
+            (deadline - now).min(wait.interval)
+        }
+        None => wait.interval,
+    };
+    let outcome = doorbell::wait_on(segment.client_bell(), spin, sleep, || {
+        ready() || segment.server_closed()
     });
-    if outcome == WaitOutcome::Slept && !parts.engine.alive() {
-        return Err(parts.engine.gone());
+    if outcome == WaitOutcome::Slept {
+        if !engine.alive() {
+            return Err(engine.gone());
+        }
+        if wait.expecting_engine {
+            engine.nudge();
+        }
     }
     Ok(())
 }
@@ -511,7 +689,7 @@ fn send_blocking(
             .sender
             .try_send(message_type, message_id, payload, &mut progress)?;
         if progress != before || done {
-            parts.engine.ring();
+            parts.engine.ring(&parts.segment);
         }
         if done {
             return Ok(());
@@ -524,8 +702,14 @@ fn send_blocking(
             if parts.sender.has_space_for(remaining)? {
                 break Ok(());
             }
-            let ready = |p: &ClientParts| p.sender.may_have_space_for(remaining);
-            if let Err(e) = wait_step(parts, spin, deadline, "waiting for ring space", ready) {
+            if let Err(e) = wait_step(
+                &parts.engine,
+                &parts.segment,
+                spin,
+                Wait::until(deadline, parts.options.liveness_interval),
+                "waiting for ring space",
+                || parts.sender.may_have_space_for(remaining),
+            ) {
                 break Err(e);
             }
         };

@@ -133,13 +133,24 @@ pub fn wait_on(
     }
 }
 
-/// Sleeps on `bell` with no timeout until `ready()` (used by the server reactor, so an idle server uses no CPU).
-pub fn wait_forever(bell: &Doorbell, spin: &mut SpinPolicy, mut ready: impl FnMut() -> bool) {
+/// Sleeps on `bell` with no timeout until `ready()` (the server reactor, so an idle server uses no CPU).
+/// `arm` announces the sleep where the wakers look: the reactor arms a flag in every client's slot instead of
+/// the shared `armed` word, so no client can keep it asleep by clearing a flag the others depend on. A waker
+/// that finds its flag armed clears it and calls [`Doorbell::ring_always`].
+pub fn wait_forever_armed(
+    bell: &Doorbell,
+    spin: &mut SpinPolicy,
+    mut arm: impl FnMut(),
+    mut ready: impl FnMut() -> bool,
+) {
     if spin.spin(&mut ready) {
         return;
     }
     loop {
-        let seen = bell.arm();
+        let seen = bell.sequence.0.load(Ordering::Acquire);
+        arm();
+        // Pairs with the waker's fence between publishing and reading its flag.
+        fence(Ordering::SeqCst);
         if ready() {
             return;
         }

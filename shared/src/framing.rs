@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use rkyv::util::AlignedVec;
 
 use crate::error::TransportError;
-use crate::protocol::frame::{FLAG_CONTINUATION, FLAG_MORE_FRAGMENTS};
+use crate::protocol::frame::{FLAG_CONTINUATION, FLAG_MORE_FRAGMENTS, FLAG_NO_CRC};
 use crate::protocol::{self, FrameError, FrameHeader, Message, MessageType, FRAME_HEADER_LEN};
 use crate::ring::{self, RecordSink, RingConsumer, RingProducer};
 
@@ -14,6 +14,8 @@ pub struct FrameSender {
     producer: RingProducer,
     /// Largest payload of one fragment (a quarter of the ring, so several frames are in flight).
     max_fragment: usize,
+    /// Flags added to every frame (`FLAG_NO_CRC` when the CRC is switched off).
+    extra_flags: u8,
 }
 
 impl FrameSender {
@@ -24,7 +26,13 @@ impl FrameSender {
         Self {
             producer,
             max_fragment,
+            extra_flags: 0,
         }
+    }
+
+    /// Switches the frame CRC on (the default) or off for frames sent from now on (see `FLAG_NO_CRC`).
+    pub fn set_crc(&mut self, on: bool) {
+        self.extra_flags = if on { 0 } else { FLAG_NO_CRC };
     }
 
     pub fn max_fragment(&self) -> usize {
@@ -36,9 +44,43 @@ impl FrameSender {
         &mut self.producer
     }
 
-    /// Writes as many fragments of `payload` as fit, starting at `*progress` bytes already sent. Returns true
-    /// once the whole message is in the ring. A message that fits one fragment is sent as a single frame.
+    /// Writes as many fragments of `payload` as fit, starting at `*progress` bytes already sent, and publishes
+    /// them (with anything queued before) in one store. Returns true once the whole message is in the ring. A
+    /// message that fits one fragment is sent as a single frame.
     pub fn try_send(
+        &mut self,
+        message_type: u16,
+        message_id: u64,
+        payload: &[u8],
+        progress: &mut usize,
+    ) -> Result<bool, TransportError> {
+        let result = self.write_fragments(message_type, message_id, payload, progress);
+        self.producer.publish();
+        result
+    }
+
+    /// Writes one message that fits a single fragment without publishing it: a batch of `queue` calls ends
+    /// with one [`FrameSender::publish`]. Returns `Ok(false)` (nothing written) when the message needs
+    /// fragmenting or the ring is full; publish and ring the peer before waiting.
+    pub fn queue(
+        &mut self,
+        message_type: u16,
+        message_id: u64,
+        payload: &[u8],
+    ) -> Result<bool, TransportError> {
+        if payload.len() > self.max_fragment {
+            return Ok(false);
+        }
+        let mut progress = 0;
+        self.write_fragments(message_type, message_id, payload, &mut progress)
+    }
+
+    /// Publishes every queued frame. Returns true when there was something to publish.
+    pub fn publish(&mut self) -> bool {
+        self.producer.publish()
+    }
+
+    fn write_fragments(
         &mut self,
         message_type: u16,
         message_id: u64,
@@ -55,7 +97,7 @@ impl FrameSender {
             let start = *progress;
             let end = (start + self.max_fragment).min(payload.len());
             let piece = &payload[start..end];
-            let mut flags = 0;
+            let mut flags = self.extra_flags;
             if start > 0 {
                 flags |= FLAG_CONTINUATION;
             }
@@ -63,15 +105,15 @@ impl FrameSender {
                 flags |= FLAG_MORE_FRAGMENTS;
             }
             let header = FrameHeader::new(message_type, flags, piece.len() as u32, message_id);
-            let written = self
-                .producer
-                .try_write(FRAME_HEADER_LEN + piece.len(), |out| {
-                    let (head, body) = out.split_at_mut(FRAME_HEADER_LEN);
-                    let mut encoded = [0u8; FRAME_HEADER_LEN];
-                    header.encode_into(piece, &mut encoded);
-                    head.copy_from_slice(&encoded);
-                    body.copy_from_slice(piece);
-                })?;
+            let written =
+                self.producer
+                    .try_write_unpublished(FRAME_HEADER_LEN + piece.len(), |out| {
+                        let (head, body) = out.split_at_mut(FRAME_HEADER_LEN);
+                        let mut encoded = [0u8; FRAME_HEADER_LEN];
+                        header.encode_into(piece, &mut encoded);
+                        head.copy_from_slice(&encoded);
+                        body.copy_from_slice(piece);
+                    })?;
             if !written {
                 return Ok(false);
             }
@@ -285,8 +327,10 @@ impl FrameReceiver {
             match (continuation, more) {
                 (false, false) => {
                     // A sender whose fragmented send was abandoned (cancelled) may reuse the id: the stale
-                    // fragments are dropped, the new message stands on its own.
-                    self.partials.remove(&header.message_id);
+                    // fragments are dropped, the new message stands on its own. (No hashing on the common path.)
+                    if !self.partials.is_empty() {
+                        self.partials.remove(&header.message_id);
+                    }
                     self.header = header;
                     self.current_is_assembled = false;
                     return Ok(Received::Message);
@@ -393,7 +437,7 @@ impl AsyncWriter {
     }
 
     pub fn lock(&self) -> std::sync::MutexGuard<'_, FrameSender> {
-        self.sender.lock().unwrap_or_else(|p| p.into_inner())
+        crate::util::lock(&self.sender)
     }
 
     /// Writes a message that fits one fragment, or returns `Ok(false)` without waiting.

@@ -18,7 +18,7 @@ pub mod ring;
 pub mod segment;
 pub mod server;
 mod sys;
-pub mod testing;
+pub mod util;
 
 pub use async_client::{AsyncClient, ResponseStream, StreamEvent};
 pub use client::{Client, ClientOptions, ConnectionInfo};

@@ -102,7 +102,10 @@ pub struct RingProducer {
     indices: *const RingIndices,
     data: *mut u8,
     capacity: u64,
+    /// Where the next record goes (may be ahead of what the consumer can see: see [`RingProducer::publish`]).
     tail: u64,
+    /// The tail last stored in shared memory.
+    published: u64,
     cached_head: u64,
 }
 
@@ -127,6 +130,7 @@ impl RingProducer {
             data,
             capacity: capacity as u64,
             tail,
+            published: tail,
             cached_head: head,
         })
     }
@@ -143,11 +147,12 @@ impl RingProducer {
     /// Re-reads the consumer's head and validates it.
     fn refresh_head(&mut self) -> Result<(), RingError> {
         let head = self.indices().head.0.load(Ordering::Acquire);
-        if head < self.cached_head || head > self.tail {
+        // The consumer can only have released what we published.
+        if head < self.cached_head || head > self.published {
             return Err(RingError::BadIndex {
                 which: "head",
                 value: head,
-                ours: self.tail,
+                ours: self.published,
                 capacity: self.capacity,
             });
         }
@@ -171,6 +176,19 @@ impl RingProducer {
     /// Writes one record of `len` bytes filled by `fill` and publishes it. Returns `Ok(false)` when the ring is
     /// currently too full (nothing written).
     pub fn try_write(
+        &mut self,
+        len: usize,
+        fill: impl FnOnce(&mut [u8]),
+    ) -> Result<bool, RingError> {
+        let written = self.try_write_unpublished(len, fill)?;
+        self.publish();
+        Ok(written)
+    }
+
+    /// Like [`RingProducer::try_write`] but leaves the record invisible to the consumer until
+    /// [`RingProducer::publish`]: a batch of records costs one store of the tail. Publish before waiting for
+    /// space (the consumer can only free what it can see).
+    pub fn try_write_unpublished(
         &mut self,
         len: usize,
         fill: impl FnOnce(&mut [u8]),
@@ -216,9 +234,24 @@ impl RingProducer {
         }
         tail += size;
         self.tail = tail;
-        // Publish only after the whole record is written.
-        self.indices().tail.0.store(tail, Ordering::Release);
         Ok(true)
+    }
+
+    /// Makes every record written so far visible to the consumer (one Release store; nothing when there is
+    /// nothing new). Returns true when it published something.
+    pub fn publish(&mut self) -> bool {
+        if self.published == self.tail {
+            return false;
+        }
+        self.published = self.tail;
+        // Records are complete before this store: the consumer never sees a half-written record.
+        self.indices().tail.0.store(self.tail, Ordering::Release);
+        true
+    }
+
+    /// True when records were written but not published yet.
+    pub fn has_unpublished(&self) -> bool {
+        self.published != self.tail
     }
 
     unsafe fn write_record_header(&mut self, offset: u64, len: u32, kind: u32) {
@@ -285,6 +318,11 @@ impl RingConsumer {
 
     pub fn capacity(&self) -> usize {
         self.capacity as usize
+    }
+
+    /// Bytes consumed so far (the head this consumer owns): it moves whenever ring space is released.
+    pub fn position(&self) -> u64 {
+        self.head
     }
 
     /// True if a record may be available (cheap check used while spinning).
@@ -449,6 +487,42 @@ mod tests {
                 .all(|(j, x)| *x == (i as usize + j) as u8));
         }
         assert!(!rx.read_into(&mut out).unwrap());
+    }
+
+    #[test]
+    fn unpublished_records_stay_invisible_until_one_publish() {
+        let mut ring = TestRing::new(4096);
+        let (mut tx, mut rx) = ring.ends();
+        let mut out = Vec::new();
+        for i in 0..10u8 {
+            assert!(tx.try_write_unpublished(40, |b| b.fill(i)).unwrap());
+        }
+        assert!(tx.has_unpublished());
+        assert!(!rx.has_data());
+        assert!(!rx.read_into(&mut out).unwrap());
+        assert_eq!(ring.indices.tail.0.load(Ordering::Relaxed), 0);
+        assert!(tx.publish());
+        assert!(!tx.publish(), "nothing new to publish");
+        for i in 0..10u8 {
+            assert!(rx.read_into(&mut out).unwrap());
+            assert!(out.iter().all(|x| *x == i));
+        }
+        assert!(!rx.read_into(&mut out).unwrap());
+        // A full ring refuses more unpublished records instead of overwriting unread ones.
+        let mut n = 0;
+        while tx.try_write_unpublished(1000, |b| b.fill(1)).unwrap() {
+            n += 1;
+        }
+        assert_eq!(
+            n, 3,
+            "three fit before the wrap (the fourth would need padding first)"
+        );
+        // A consumer head beyond what was published is a violation, even though the local tail is ahead.
+        ring.indices.head.0.store(4096, Ordering::Release);
+        assert!(matches!(
+            tx.used_bytes(),
+            Err(RingError::BadIndex { which: "head", .. })
+        ));
     }
 
     #[test]

@@ -19,7 +19,10 @@ use crate::sys::{self, Mapping};
 
 pub const PAGE: usize = 4096;
 const SLOT_MAGIC: [u8; 8] = *b"LAPCSLOT";
-const SLOT_LAYOUT_VERSION: u32 = 1;
+const SLOT_LAYOUT_VERSION: u32 = 2;
+/// Highest slot number + 1; the engine page's slot bitmap has one bit per slot.
+pub const MAX_SLOTS: u32 = 4096;
+const SLOT_WORDS: usize = MAX_SLOTS as usize / 64;
 
 /// Written once by the creating client before the slot is announced; the server copies and validates it.
 #[repr(C)]
@@ -41,6 +44,9 @@ struct SlotControl {
     client_bell: Doorbell,
     /// Set by the server when it closed this connection (protocol violation, shutdown).
     server_closed: CacheLine<AtomicU32>,
+    /// 1 while the engine's reactor is (about to be) asleep: this client then wakes it. One flag per slot, not
+    /// one in the engine page that every client shares, so a client that clears it only delays itself.
+    server_armed: CacheLine<AtomicU32>,
     client_to_server: RingIndices,
     server_to_client: RingIndices,
 }
@@ -221,6 +227,26 @@ impl SlotSegment {
         self.control().server_closed.0.store(1, Ordering::Release);
     }
 
+    /// Server side, before the reactor re-checks this slot and sleeps: asks the client to wake it.
+    pub fn arm_server_wakeup(&self) {
+        let armed = &self.control().server_armed.0;
+        // Only write when it changes: an idle client's line then stays shared in both caches.
+        if armed.load(Ordering::Relaxed) != 1 {
+            armed.store(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Client side, after publishing (data or space): wakes the engine's reactor if it sleeps. Costs a fence
+    /// and a load when the reactor is awake; a syscall only when it armed this slot.
+    #[inline]
+    pub fn wake_server(&self, engine: &EnginePage) {
+        // Pairs with the reactor's fence between arming and re-checking (see `Doorbell`).
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let armed = &self.control().server_armed.0;
+        if armed.load(Ordering::Relaxed) != 0 && armed.swap(0, Ordering::AcqRel) != 0 {
+            engine.bell().ring_always();
+        }
+    }
     #[cfg(feature = "test-hooks")]
     pub(crate) fn hostile_set_client_to_server_tail(&self, tail: u64) {
         self.control()
@@ -349,6 +375,10 @@ struct EngineControl {
     /// A random non-zero number each engine publishes when it is ready (0 while it starts). A restarted engine
     /// may lock the same engine.lock inode; a client compares this number with the one it connected to.
     incarnation: CacheLine<AtomicU64>,
+    /// One bit per slot, set while the slot is (believed) taken: a connecting client tries the lowest clear
+    /// bit first instead of probing every slot. A hint only: the slot's flock decides, a wrong bit costs a
+    /// probe, and a bitmap with no clear bit sends the client to a full scan.
+    slots_taken: [AtomicU64; SLOT_WORDS],
 }
 
 const _: () = assert!(size_of::<EngineControl>() <= PAGE);
@@ -364,6 +394,9 @@ impl EnginePage {
         let page = Self { mapping };
         page.bell().armed.0.store(0, Ordering::SeqCst);
         page.control().incarnation.0.store(0, Ordering::SeqCst);
+        for word in &page.control().slots_taken {
+            word.store(0, Ordering::Relaxed);
+        }
         Ok(page)
     }
 
@@ -401,6 +434,46 @@ impl EnginePage {
     pub fn bell(&self) -> &Doorbell {
         &self.control().bell
     }
+
+    /// The lowest slot the bitmap calls free, if any (always `< MAX_SLOTS`, whatever a peer wrote there).
+    pub fn free_slot_hint(&self) -> Option<u32> {
+        self.control()
+            .slots_taken
+            .iter()
+            .enumerate()
+            .find_map(|(index, word)| {
+                let bits = word.load(Ordering::Relaxed);
+                (bits != u64::MAX).then(|| index as u32 * 64 + bits.trailing_ones())
+            })
+    }
+
+    /// Records that `slot` is taken (or free again). Out-of-range slots are ignored.
+    pub fn mark_slot(&self, slot: u32, taken: bool) {
+        let Some(word) = self.control().slots_taken.get(slot as usize / 64) else {
+            return;
+        };
+        let bit = 1u64 << (slot % 64);
+        if taken {
+            word.fetch_or(bit, Ordering::Relaxed);
+        } else {
+            word.fetch_and(!bit, Ordering::Relaxed);
+        }
+    }
+
+    /// Test hook: lets a test act as a client that rewrites the shared engine page.
+    #[cfg(feature = "test-hooks")]
+    pub fn hostile_write(&self, armed: u32, sequence: Option<u32>, slot_words: Option<u64>) {
+        let control = self.control();
+        control.bell.armed.0.store(armed, Ordering::SeqCst);
+        if let Some(sequence) = sequence {
+            control.bell.sequence.0.store(sequence, Ordering::SeqCst);
+        }
+        if let Some(bits) = slot_words {
+            for word in &control.slots_taken {
+                word.store(bits, Ordering::Relaxed);
+            }
+        }
+    }
 }
 
 /// Writes the pid line at the start of engine.lock with a normal write (which also announces readiness to
@@ -431,6 +504,27 @@ pub fn read_engine_pid(file: &File) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_free_slot_hint_follows_the_bitmap_and_stays_in_range() {
+        let file = tempfile::tempfile().unwrap();
+        let page = EnginePage::create(&file).unwrap();
+        assert_eq!(page.free_slot_hint(), Some(0));
+        for slot in 0..70 {
+            page.mark_slot(slot, true);
+        }
+        assert_eq!(page.free_slot_hint(), Some(70));
+        page.mark_slot(3, false);
+        assert_eq!(page.free_slot_hint(), Some(3));
+        page.mark_slot(MAX_SLOTS + 5, true); // ignored, no panic
+                                             // A hostile page: every bit set means "no hint", never a slot out of range.
+        for word in &page.control().slots_taken {
+            word.store(u64::MAX, Ordering::Relaxed);
+        }
+        assert_eq!(page.free_slot_hint(), None);
+        page.control().slots_taken[SLOT_WORDS - 1].store(u64::MAX >> 1, Ordering::Relaxed);
+        assert_eq!(page.free_slot_hint(), Some(MAX_SLOTS - 1));
+    }
 
     fn reopen(segment: &SlotSegment, generation: u64) -> Result<SlotSegment, TransportError> {
         let fd = segment.memfd_number().expect("client side has the memfd");

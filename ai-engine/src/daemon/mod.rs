@@ -232,11 +232,7 @@ impl DaemonHandler {
                     stream.fail(error.code(), error.to_string()).await
                 }
                 Err(panic) => {
-                    let what = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| (*s).to_owned())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "unknown panic".into());
+                    let what = lapce_ai_transport::util::panic_text(&*panic);
                     tracing::error!(id, %what, "request panicked");
                     stream
                         .fail(

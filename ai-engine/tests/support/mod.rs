@@ -69,7 +69,7 @@ impl Sandbox {
 
     /// Nothing of this endpoint is left in /dev/shm or the rendezvous directory.
     pub fn assert_clean(&self) {
-        lapce_ai_transport::testing::assert_endpoint_clean(&self.endpoint);
+        lapce_ai_testkit::assert_endpoint_clean(&self.endpoint);
     }
 }
 

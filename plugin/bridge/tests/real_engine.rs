@@ -124,7 +124,7 @@ impl Sandbox {
         let run = self.dir.path().join("run");
         let endpoint =
             lapce_ai_transport::Endpoint::in_root(&self.endpoint, &run).expect("endpoint");
-        lapce_ai_transport::testing::assert_endpoint_clean(&endpoint);
+        lapce_ai_testkit::assert_endpoint_clean(&endpoint);
     }
 }
 

@@ -1,11 +1,12 @@
 //! Fuzz target: arbitrary bytes into `FrameHeader::decode` / `verify_parts`; never panics, decoded frames re-encode.
 //!
-//! Input: one mode byte, then the frame. Mode bit 0 patches a correct CRC into bytes 20..24 first, so the fuzzer
+//! Input: one mode byte, then the frame. Mode bit 0 patches a correct CRC (zero for `FLAG_NO_CRC` frames) into bytes 20..24 first, so the fuzzer
 //! also reaches the checks behind the CRC (length, version, flags, limit) instead of stopping at a CRC mismatch.
 //! Mode bits 1..=3 pick the payload limit.
 
 #![no_main]
 
+use lapce_ai_transport::protocol::frame::FLAG_NO_CRC;
 use lapce_ai_transport::protocol::{FrameHeader, FRAME_HEADER_LEN};
 use libfuzzer_sys::fuzz_target;
 
@@ -24,7 +25,12 @@ fuzz_target!(|input: &[u8]| {
     };
     let mut frame = rest.to_vec();
     if mode & 1 == 1 && frame.len() >= FRAME_HEADER_LEN {
-        let crc = spec_crc(&frame);
+        // A frame flagged FLAG_NO_CRC must carry a zero CRC field instead.
+        let crc = if frame[5] & FLAG_NO_CRC != 0 {
+            0
+        } else {
+            spec_crc(&frame)
+        };
         frame[20..24].copy_from_slice(&crc.to_le_bytes());
     }
     let max_payload = match (mode >> 1) & 7 {

@@ -3,7 +3,7 @@
 //! The input is a small program. Its header picks the ring size, the reader (raw `RingConsumer::read_into` or
 //! the `FrameReceiver` on top of it) and the indices the ring starts from (a client creates and fills its slot
 //! segment before the engine builds its ends from it, so the starting indices are peer-controlled too). The
-//! ops then interleave honest records and frames, hostile rewrites of the tail, head and record bytes, and
+//! ops then interleave honest records (published at once or in batches) and frames (with or without CRC), hostile rewrites of the tail, head and record bytes, and
 //! reads. Reading must never panic or touch memory outside the ring (run under AddressSanitizer); a violation
 //! is reported as an error, after which the connection would be closed, so the program stops there.
 //!
@@ -111,18 +111,19 @@ enum Reader {
 }
 
 impl Reader {
-    /// One read. `false` when the reader reported a violation (the connection would close here).
-    fn step(&mut self, capacity: usize) -> bool {
+    /// One read. `None` when the reader reported a violation (the connection would close here), else
+    /// whether it found anything.
+    fn step(&mut self, capacity: usize) -> Option<bool> {
         match self {
             Reader::Raw(consumer, out) => match consumer.read_into(out) {
                 Ok(true) => {
                     assert!(out.len() <= ring::max_record_payload(capacity));
-                    true
+                    Some(true)
                 }
-                Ok(false) => true,
+                Ok(false) => Some(false),
                 Err(e) => {
                     let _ = e.to_string();
-                    false
+                    None
                 }
             },
             Reader::Frames(receiver) => match receiver.poll() {
@@ -132,16 +133,16 @@ impl Reader {
                     assert!(message.payload.len() <= MAX_MESSAGE as usize);
                     // Hostile bytes through rkyv validation: an error, never a panic.
                     let _ = message.decode::<Ping>();
-                    true
+                    Some(true)
                 }
-                Ok(Received::Nothing) => true,
+                Ok(Received::Nothing) => Some(false),
                 Ok(Received::Rejected { error, .. }) => {
                     assert!(!error.is_fatal());
-                    true
+                    Some(true)
                 }
                 Err(e) => {
                     let _ = e.to_string();
-                    false
+                    None
                 }
             },
         }
@@ -192,22 +193,33 @@ fuzz_target!(|input: &[u8]| {
     let mut steps = 0;
     while !p.done() && steps < 4096 {
         steps += 1;
-        match p.u8() % 9 {
-            // An honest record of arbitrary bytes (the producer may refuse: full ring or hostile head).
+        match p.u8() % 10 {
+            // An honest record of arbitrary bytes (the producer may refuse: full ring or hostile head),
+            // published at once or left for a later batch publish (op 8).
             0 => {
+                let batched = p.u8() & 1 != 0;
                 let len = p.u16() as usize % (ring::max_record_payload(capacity) + 1);
                 let fill = p.bytes(64);
-                let _ = producer.try_write(len, |out| {
+                let fill = |out: &mut [u8]| {
                     for (i, b) in out.iter_mut().enumerate() {
                         *b = fill.get(i % fill.len().max(1)).copied().unwrap_or(0);
                     }
-                });
+                };
+                let _ = if batched {
+                    producer.try_write_unpublished(len, fill)
+                } else {
+                    producer.try_write(len, fill)
+                };
+            }
+            // Publish a batch of records written unpublished.
+            8 => {
+                producer.publish();
             }
             // An honest frame with fuzzer-chosen type, flags (fragments, unknown bits) and id.
             1 => {
                 let message_type = p.u16() % 64;
                 let flags = p.u8();
-                let flags = if flags & 0x80 != 0 { flags } else { flags & 3 };
+                let flags = if flags & 0x80 != 0 { flags } else { flags & 7 };
                 let id = u64::from(p.u8() % 4);
                 let payload = p.bytes(200);
                 let bytes = frame(message_type, flags, id, &payload);
@@ -262,15 +274,15 @@ fuzz_target!(|input: &[u8]| {
             }
             // Read.
             _ => {
-                if !reader.step(capacity) {
+                if reader.step(capacity).is_none() {
                     return;
                 }
             }
         }
     }
-    // Drain what is left (bounded: at most one record per 8 bytes of ring).
+    // Drain what is left (bounded: at most one record per 8 bytes of ring), until the reader finds nothing.
     for _ in 0..capacity / 8 + 1 {
-        if !reader.step(capacity) {
+        if reader.step(capacity) != Some(true) {
             return;
         }
     }

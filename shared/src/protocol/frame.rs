@@ -11,7 +11,11 @@ pub const DEFAULT_MAX_MESSAGE_BYTES: u32 = 16 * 1024 * 1024;
 pub const FLAG_MORE_FRAGMENTS: u8 = 0b0000_0001;
 /// Header flag: this frame continues a message started by an earlier fragment.
 pub const FLAG_CONTINUATION: u8 = 0b0000_0010;
-const KNOWN_FLAGS: u8 = FLAG_MORE_FRAGMENTS | FLAG_CONTINUATION;
+/// Header flag: the sender did not compute a CRC; the CRC field must then be zero. Shared memory has no
+/// transmission errors: the CRC only catches a sender's own bugs (torn or misplaced records), and bytecheck
+/// validates every payload anyway. Senders keep the CRC on by default; see docs/BENCHMARKS.md for its cost.
+pub const FLAG_NO_CRC: u8 = 0b0000_0100;
+const KNOWN_FLAGS: u8 = FLAG_MORE_FRAGMENTS | FLAG_CONTINUATION | FLAG_NO_CRC;
 
 /// A decoded, integrity-checked frame header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,7 +81,11 @@ impl FrameHeader {
     pub fn encode_into(&self, payload: &[u8], out: &mut [u8; FRAME_HEADER_LEN]) {
         debug_assert_eq!(payload.len(), self.payload_len as usize);
         let head = self.header_bytes_without_crc();
-        let crc = frame_crc(&head, payload);
+        let crc = if self.flags & FLAG_NO_CRC != 0 {
+            0
+        } else {
+            frame_crc(&head, payload)
+        };
         out[..20].copy_from_slice(&head);
         out[20..24].copy_from_slice(&crc.to_le_bytes());
     }
@@ -137,7 +145,11 @@ impl FrameHeader {
                 need,
             });
         }
-        let computed = frame_crc(&header.header_bytes_without_crc(), payload);
+        let computed = if header.flags & FLAG_NO_CRC != 0 {
+            0
+        } else {
+            frame_crc(&header.header_bytes_without_crc(), payload)
+        };
         if computed != expected {
             return Err(FrameError::BadCrc { expected, computed });
         }
@@ -207,6 +219,23 @@ mod tests {
                 "bit {bit} flip went unnoticed"
             );
         }
+    }
+
+    #[test]
+    fn a_frame_without_crc_decodes_and_must_carry_a_zero_crc_field() {
+        let header = FrameHeader::new(32, FLAG_NO_CRC, 8, 42);
+        let bytes = frame(header, b"abcdefgh");
+        assert_eq!(&bytes[20..24], &[0, 0, 0, 0]);
+        let (decoded, payload) = FrameHeader::decode(&bytes, 1024).unwrap();
+        assert_eq!(decoded, header);
+        assert_eq!(payload, b"abcdefgh");
+        // Setting the flag on a frame that carries a CRC is caught: the field is not zero.
+        let mut flipped = frame(FrameHeader::new(32, 0, 8, 42), b"abcdefgh");
+        flipped[5] |= FLAG_NO_CRC;
+        assert!(matches!(
+            FrameHeader::decode(&flipped, 1024),
+            Err(FrameError::BadCrc { .. })
+        ));
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The acceptor thread: inotify on the slots directory announces new clients and dead ones.
 
+use crate::util::lock;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
@@ -125,10 +126,6 @@ fn rescan(shared: &Shared) {
     }
 }
 
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// A client wrote its generation into its slot file: map its segment and hand it to the reactor.
 fn check_announcement(shared: &Shared, slot: u32) {
     let path = shared.endpoint.slot_lock_path(slot);
@@ -192,6 +189,7 @@ fn check_death(shared: &Shared, slot: u32) -> bool {
         }
     };
     if gone {
+        shared.page.mark_slot(slot, false);
         if let Some(generation) = lock(&shared.attached).remove(&slot) {
             tracing::debug!(slot, "client gone");
             shared.post(|inbox| inbox.events.push(InboxEvent::Detach { slot, generation }));

@@ -1,8 +1,9 @@
 //! One accepted client as the engine sees it: sending messages and credit-limited response streams.
 
+use crate::util::lock;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
@@ -45,10 +46,6 @@ pub struct ServerConnection {
     pub(crate) credits: Mutex<HashMap<u64, i64>>,
     pub(crate) credit_changed: Notify,
     pub(crate) stream_window: u32,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl ServerConnection {

@@ -93,11 +93,12 @@ pub(crate) struct Shared {
 
 impl Shared {
     fn post(&self, f: impl FnOnce(&mut Inbox)) {
-        let mut inbox = self.inbox.lock().unwrap_or_else(|p| p.into_inner());
+        let mut inbox = crate::util::lock(&self.inbox);
         f(&mut inbox);
         drop(inbox);
         self.inbox_ready.store(true, Ordering::SeqCst);
-        self.page.bell().ring();
+        // The reactor does not arm the shared page's flag (see `wait_forever_armed`): always wake it.
+        self.page.bell().ring_always();
     }
 }
 

@@ -56,11 +56,20 @@ pub(super) fn run(shared: &Shared) {
             }
         }
         if !progressed {
-            doorbell::wait_forever(shared.page.bell(), &mut spin, || {
-                shared.stop.load(Ordering::Relaxed)
-                    || shared.inbox_ready.load(Ordering::Relaxed)
-                    || slots.iter().any(ready)
-            });
+            doorbell::wait_forever_armed(
+                shared.page.bell(),
+                &mut spin,
+                || {
+                    for slot in &slots {
+                        slot.connection.segment.arm_server_wakeup();
+                    }
+                },
+                || {
+                    shared.stop.load(Ordering::Relaxed)
+                        || shared.inbox_ready.load(Ordering::Relaxed)
+                        || slots.iter().any(ready)
+                },
+            );
         }
     }
 }
@@ -82,7 +91,7 @@ fn ready(slot: &Slot) -> bool {
 /// Applies the acceptor's events in the order they happened (an attach followed by the same client's detach
 /// must end with the connection closed).
 fn take_inbox(shared: &Shared, slots: &mut Vec<Slot>) {
-    let inbox = std::mem::take(&mut *shared.inbox.lock().unwrap_or_else(|p| p.into_inner()));
+    let inbox = std::mem::take(&mut *crate::util::lock(&shared.inbox));
     for event in inbox.events {
         match event {
             InboxEvent::Detach { slot, generation } => {
@@ -226,6 +235,7 @@ fn service(shared: &Shared, slot: &mut Slot) -> Result<bool, DisconnectReason> {
         }
     }
     did_work |= slot.connection.writer.wake_if_space();
+    let head_before = slot.receiver.consumer().position();
     for _ in 0..BATCH {
         if !slot.deferred.is_empty() {
             break;
@@ -257,7 +267,11 @@ fn service(shared: &Shared, slot: &mut Slot) -> Result<bool, DisconnectReason> {
             }
         }
     }
-    if slot.receiver.take_peer_waiting_for_space() {
+    // Only a pass that released ring space (whole messages or fragments) can owe the client a wake-up (a
+    // client that announced its wait after our last release re-checks the head itself): idle connections
+    // cost no fence here.
+    let released = slot.receiver.consumer().position() != head_before;
+    if released && slot.receiver.take_peer_waiting_for_space() {
         slot.connection.segment.client_bell().ring();
     }
     Ok(did_work)
@@ -344,14 +358,8 @@ fn dispatch(shared: &Shared, slot: &mut Slot) -> Result<(), DisconnectReason> {
 
 /// Runs a handler callback; a panic in it closes only the connection it was serving, never the reactor.
 fn isolate_panic(callback: impl FnOnce()) -> Result<(), DisconnectReason> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(callback)).map_err(|panic| {
-        let what = panic
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "a non-string panic payload".into());
-        DisconnectReason::HandlerPanicked(what)
-    })
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(callback))
+        .map_err(|panic| DisconnectReason::HandlerPanicked(crate::util::panic_text(&*panic)))
 }
 
 fn handshake(
@@ -392,10 +400,7 @@ fn handshake(
         send_error(connection, deferred, 0, code, message.clone())?;
         return Err(DisconnectReason::ProtocolViolation(message));
     }
-    *connection
-        .client_name
-        .lock()
-        .unwrap_or_else(|p| p.into_inner()) = hello.client_name;
+    *crate::util::lock(&connection.client_name) = hello.client_name;
     let ack = HelloAck {
         protocol_version: PROTOCOL_VERSION,
         slot: connection.slot,

@@ -6,8 +6,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use lapce_ai_testkit::{scripted_request, ScriptedHandler, ScriptedPeer};
 use lapce_ai_transport::protocol::{MessageType, Ping, Pong, StatusReply, StatusRequest};
-use lapce_ai_transport::testing::{scripted_request, ScriptedHandler, ScriptedPeer};
 use lapce_ai_transport::{
     AsyncClient, Client, ClientOptions, ReconnectingClient, Server, ServerOptions, StreamEvent,
     TransportError,

@@ -39,6 +39,11 @@ fn quick_bench_reports_every_required_key() {
         "floor_p50_ns",
         "uds_p50_ns",
         "msgs_per_sec_64b",
+        "msgs_per_sec_64b_run5",
+        "msgs_per_sec_64b_per_message",
+        "msgs_per_sec_64b_crc",
+        "connect_first_tenth_avg_us",
+        "connect_last_tenth_avg_us",
         "gbps_1mib",
         "memcpy_gbps",
         "connect_1000_ms",
@@ -56,8 +61,10 @@ fn quick_bench_reports_every_required_key() {
         assert!(value > 0.0, "{key} = {value} should be positive");
     }
     // Idle CPU is expected to be zero: present and non-negative.
-    let idle = number(json, "idle_cpu_percent").expect("idle_cpu_percent missing");
-    assert!(idle >= 0.0, "idle_cpu_percent = {idle}");
+    for key in ["idle_cpu_percent", "client_idle_cpu_ticks"] {
+        let idle = number(json, key).unwrap_or_else(|| panic!("{key} missing"));
+        assert!(idle >= 0.0, "{key} = {idle}");
+    }
     assert_eq!(number(json, "connect_clients"), Some(1000.0));
     assert!(
         json.contains("\"cleanup\":\"ok"),

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use lapce_ai_transport::testing::{scripted_request, ScriptedHandler, ScriptedPeer};
+use lapce_ai_testkit::{scripted_request, ScriptedHandler, ScriptedPeer};
 use lapce_ai_transport::{
     AsyncClient, ClientOptions, Endpoint, Server, ServerOptions, StreamEvent,
 };

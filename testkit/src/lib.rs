@@ -10,11 +10,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::protocol::{
+use lapce_ai_transport::protocol::{
     Cancel, CompletionRequest, ErrorCode, FinishReason, MessageType, StatusReply, Usage,
 };
-use crate::server::{DisconnectReason, ServerConnection, ServerHandler};
-use crate::ReceivedMessage;
+use lapce_ai_transport::server::{DisconnectReason, ServerConnection, ServerHandler};
+use lapce_ai_transport::ReceivedMessage;
 
 type StreamKey = (u32, u64, u64);
 
@@ -225,7 +225,7 @@ pub fn files_below(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 }
 
 /// Panics, naming what is left, unless `endpoint` left nothing in /dev/shm or in its rendezvous directory.
-pub fn assert_endpoint_clean(endpoint: &crate::Endpoint) {
+pub fn assert_endpoint_clean(endpoint: &lapce_ai_transport::Endpoint) {
     let shm = shm_names_with_prefix(&endpoint.shm_prefix());
     assert!(shm.is_empty(), "shared memory left behind: {shm:?}");
     let files = files_below(endpoint.dir());

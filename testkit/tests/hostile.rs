@@ -6,13 +6,13 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use lapce_ai_testkit::{ScriptedHandler, ScriptedPeer};
 use lapce_ai_transport::protocol::frame::FRAME_HEADER_LEN;
 use lapce_ai_transport::protocol::{
     self, ErrorCode, ErrorMessage, FrameHeader, MessageType, Ping, Pong,
 };
-use lapce_ai_transport::testing::{ScriptedHandler, ScriptedPeer};
 use lapce_ai_transport::{Client, ClientOptions, Server, ServerOptions, TransportError};
-use support::TestEndpoint;
+use support::{ping, TestEndpoint};
 
 const T: Duration = Duration::from_secs(5);
 /// The protocol version a well-formed frame carries.
@@ -28,21 +28,6 @@ fn fragment(message_type: u16, version: u8, flags: u8, id: u64, payload: &[u8]) 
     let mut head = [0u8; FRAME_HEADER_LEN];
     header.encode_into(payload, &mut head);
     [head.as_slice(), payload].concat()
-}
-
-fn ping(client: &mut Client, nonce: u64) {
-    client
-        .send(
-            nonce,
-            &Ping {
-                nonce,
-                payload: vec![7; 64],
-            },
-            T,
-        )
-        .unwrap();
-    let pong: Pong = client.recv(T).unwrap().decode_owned().unwrap();
-    assert_eq!(pong.nonce, nonce);
 }
 
 fn expect_error(client: &mut Client, id: u64, code: ErrorCode) {

@@ -6,8 +6,8 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
+use lapce_ai_testkit::{scripted_request, ScriptedHandler, ScriptedPeer};
 use lapce_ai_transport::protocol::{FinishReason, StatusReply, StatusRequest};
-use lapce_ai_transport::testing::{scripted_request, ScriptedHandler, ScriptedPeer};
 use lapce_ai_transport::{
     AsyncClient, ClientOptions, ResponseStream, Server, ServerOptions, StreamEvent, TransportError,
 };
@@ -178,12 +178,20 @@ async fn large_messages_are_fragmented_both_ways_and_oversize_is_refused() {
     let text: String = (0..4 * 1024 * 1024)
         .map(|i| char::from(b'0' + (i % 10) as u8))
         .collect();
+    // Both directions wait for ring space many times; each wait must end when the peer releases space (a
+    // missed wake-up stalls until an idle liveness tick, 30 s; a saturated machine alone takes up to ~15 s).
+    let started = std::time::Instant::now();
     let mut stream = client
         .request(&scripted_request(&text, 2, None))
         .await
         .unwrap();
     assert_eq!(drain(&mut stream, &text).await, (2, FinishReason::Stop));
     drop(stream);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(25),
+        "4 MiB each way took {:?}",
+        started.elapsed()
+    );
     let too_big = "x".repeat(17 * 1024 * 1024);
     let err = client
         .request(&scripted_request(&too_big, 1, None))

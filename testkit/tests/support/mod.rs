@@ -5,8 +5,9 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use lapce_ai_testkit as testing;
 use lapce_ai_transport::server::{ServerConnection, ServerHandler};
-use lapce_ai_transport::{testing, Endpoint, ReceivedMessage};
+use lapce_ai_transport::{Endpoint, ReceivedMessage};
 
 /// A private endpoint in its own temp root; on drop asserts that no shared memory of it is left.
 pub struct TestEndpoint {
@@ -127,4 +128,24 @@ impl Drop for Peer {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// One ping/pong round trip with a 64-byte payload; returns how long it took.
+pub fn ping(client: &mut lapce_ai_transport::Client, nonce: u64) -> std::time::Duration {
+    use lapce_ai_transport::protocol::{Ping, Pong};
+    let timeout = std::time::Duration::from_secs(5);
+    let start = std::time::Instant::now();
+    client
+        .send(
+            nonce,
+            &Ping {
+                nonce,
+                payload: vec![7; 64],
+            },
+            timeout,
+        )
+        .unwrap();
+    let pong: Pong = client.recv(timeout).unwrap().decode_owned().unwrap();
+    assert_eq!(pong.nonce, nonce);
+    start.elapsed()
 }
