@@ -245,8 +245,14 @@ fn bad_type_names_line_and_key() {
 fn mistyped_api_key_is_reported_without_its_value() {
     let text = "[profiles.x]\nkind = \"openai\"\nmodel = \"m\"\napi_key = 98765432123456789\n";
     let (_, shown) = load_err(text, 0o600);
-    assert!(shown.contains("engine.toml:4: profiles.x.api_key"), "{shown}");
-    assert!(!shown.contains("98765432123456789"), "the value leaked: {shown}");
+    assert!(
+        shown.contains("engine.toml:4: profiles.x.api_key"),
+        "{shown}"
+    );
+    assert!(
+        !shown.contains("98765432123456789"),
+        "the value leaked: {shown}"
+    );
 }
 
 #[test]

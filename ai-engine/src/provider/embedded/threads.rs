@@ -33,19 +33,14 @@ impl CpuPicture {
         }
     }
 
-    /// Threads for decoding: the configured count, else one per physical core, fewer when other tasks keep
-    /// cores busy. A thread that gets descheduled stalls all the others at the next barrier of the graph.
-    /// `barriers_sleep` (OpenMP): waiting threads sleep, so only a fully busy machine costs one thread.
-    /// Otherwise (ggml's own pool) waiting threads spin and burn the time the late thread needs: use only
-    /// the idle cores.
-    pub(crate) fn decode_threads(&self, configured: Option<u32>, barriers_sleep: bool) -> u32 {
+    /// Threads for decoding: the configured count, else one per physical core, one fewer when other tasks
+    /// keep every core busy on a machine with more than two (a descheduled thread stalls the others at the next
+    /// graph barrier; OpenMP's barriers sleep, so a fully busy machine costs one thread, not all of them).
+    pub(crate) fn decode_threads(&self, configured: Option<u32>) -> u32 {
         if let Some(n) = configured.filter(|&n| n > 0) {
             return n;
         }
         let idle_cores = self.physical.saturating_sub(self.others_running);
-        if !barriers_sleep {
-            return idle_cores.clamp(1, self.physical.max(1));
-        }
         if idle_cores == 0 && self.physical > 2 {
             self.physical - 1
         } else {
@@ -105,18 +100,13 @@ mod tests {
 
     #[test]
     fn threads_follow_physical_cores_and_load() {
-        // Sleeping barriers (OpenMP).
-        assert_eq!(picture(8, 4, 0).decode_threads(None, true), 4);
-        assert_eq!(picture(8, 4, 6).decode_threads(None, true), 3);
-        assert_eq!(picture(2, 2, 5).decode_threads(None, true), 2);
-        assert_eq!(picture(1, 1, 3).decode_threads(None, true), 1);
-        // Spinning barriers: only idle cores.
-        assert_eq!(picture(8, 4, 0).decode_threads(None, false), 4);
-        assert_eq!(picture(8, 4, 1).decode_threads(None, false), 3);
-        assert_eq!(picture(2, 2, 2).decode_threads(None, false), 1);
+        assert_eq!(picture(8, 4, 0).decode_threads(None), 4);
+        assert_eq!(picture(8, 4, 6).decode_threads(None), 3);
+        assert_eq!(picture(2, 2, 5).decode_threads(None), 2);
+        assert_eq!(picture(1, 1, 3).decode_threads(None), 1);
         // A configured count always wins.
-        assert_eq!(picture(8, 4, 6).decode_threads(Some(6), false), 6);
-        assert_eq!(picture(8, 4, 0).decode_threads(Some(0), true), 4);
+        assert_eq!(picture(8, 4, 6).decode_threads(Some(6)), 6);
+        assert_eq!(picture(8, 4, 0).decode_threads(Some(0)), 4);
     }
 
     #[test]
