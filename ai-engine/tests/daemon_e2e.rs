@@ -285,17 +285,7 @@ fn cli_complete_status_and_stop() {
     );
     assert_eq!(String::from_utf8_lossy(&output.stdout).trim_end(), "a + b");
 
-    let output = sandbox
-        .command()
-        .args(["--no-start", "status", "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let status: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let status = sandbox.status_json();
     assert_eq!(status["requests"], 1);
     assert!(status["total_ms"]["p50"].as_f64().unwrap() > 0.0);
 

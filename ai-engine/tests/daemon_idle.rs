@@ -10,20 +10,6 @@ use std::time::{Duration, Instant};
 use lapce_ai_transport::{AsyncClient, ClientOptions};
 use support::{fake_config, Sandbox};
 
-fn status(sandbox: &Sandbox) -> serde_json::Value {
-    let output = sandbox
-        .command()
-        .args(["--no-start", "status", "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).unwrap()
-}
-
 fn exited_within(
     child: &mut std::process::Child,
     limit: Duration,
@@ -62,7 +48,7 @@ fn daemon_exits_after_the_idle_time_without_clients() {
             ClientOptions::default(),
         ))
         .unwrap();
-    let held = status(&sandbox);
+    let held = sandbox.status_json();
     assert_eq!(held["idle_exit"]["after_ms"], 3000, "{held}");
     assert!(
         held["idle_exit"]["in_ms"].is_null(),
@@ -76,12 +62,12 @@ fn daemon_exits_after_the_idle_time_without_clients() {
     // The client leaves: the countdown runs, and status queries see it without resetting it.
     drop(client);
     std::thread::sleep(Duration::from_millis(300));
-    let first = status(&sandbox)["idle_exit"]["in_ms"]
+    let first = sandbox.status_json()["idle_exit"]["in_ms"]
         .as_u64()
         .expect("countdown");
     assert!(first <= 3000, "{first}");
     std::thread::sleep(Duration::from_millis(700));
-    let second = status(&sandbox)["idle_exit"]["in_ms"]
+    let second = sandbox.status_json()["idle_exit"]["in_ms"]
         .as_u64()
         .expect("countdown");
     assert!(

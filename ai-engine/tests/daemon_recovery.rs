@@ -235,12 +235,7 @@ async fn api_key_written_later_is_used_and_never_shown() {
     assert!(!message.contains("SECRET"), "{message}");
     let status: StatusReply = client.call(&StatusRequest {}).await.unwrap();
     assert!(!format!("{status:?}").contains("SECRET"));
-    let output = sandbox
-        .command()
-        .args(["--no-start", "status", "--json"])
-        .output()
-        .unwrap();
-    assert!(!String::from_utf8_lossy(&output.stdout).contains("SECRET"));
+    assert!(!sandbox.status_json().to_string().contains("SECRET"));
 
     drop(client);
     let log = daemon.log();

@@ -51,6 +51,21 @@ impl Sandbox {
         command
     }
 
+    /// `ai-engine status --json` against this sandbox's running engine (never starts one).
+    pub fn status_json(&self) -> serde_json::Value {
+        let output = self
+            .command()
+            .args(["--no-start", "status", "--json"])
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).unwrap()
+    }
+
     /// Starts `ai-engine serve --config FILE` and waits until it serves.
     pub fn serve(&self, config: &Path) -> Engine {
         let child = self
