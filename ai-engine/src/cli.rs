@@ -145,6 +145,17 @@ pub enum ModelsCommand {
     },
 }
 
+/// Logs to stderr at `default_level`, or as `LAPCE_AI_LOG` says (an `EnvFilter`, e.g. `ai_engine=debug`).
+pub fn init_logging(default_level: &str) {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LAPCE_AI_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
 /// Runs the parsed command.
 pub fn run(cli: Cli) -> ExitCode {
     let endpoint = match Endpoint::named(&cli.endpoint) {

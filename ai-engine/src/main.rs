@@ -9,12 +9,6 @@ fn main() -> std::process::ExitCode {
         ai_engine::cli::Command::Serve { .. } => "info",
         _ => "warn",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("LAPCE_AI_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    ai_engine::cli::init_logging(default_level);
     ai_engine::cli::run(cli)
 }

@@ -424,13 +424,7 @@ fn micros(d: Duration) -> f64 {
 fn main() {
     let args = Args::parse();
     // Engine logs (e.g. `LAPCE_AI_LOG=ai_engine=debug` for per-request timings) go to stderr.
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("LAPCE_AI_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    ai_engine::cli::init_logging("warn");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
