@@ -272,6 +272,7 @@ async fn fim_and_chat_prompts() {
         prompt: Prompt::FillInTheMiddle {
             prefix: "def square(x):\n    return".to_string(),
             suffix: "\n\nprint(square(3))\n".to_string(),
+            middle_start: None,
         },
         max_tokens: 8,
         temperature: 0.0,
@@ -549,5 +550,38 @@ async fn bad_model_files_get_clear_messages_before_any_request() {
             )
         }
         other => panic!("expected ModelLoad, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn typing_under_a_prefix_first_template_never_decodes_the_suffix_again() {
+    use ai_engine::completion::{prepare_completion, ContextBudget, FimTemplate, PromptStyle};
+    use lapce_ai_transport::protocol::{CompletionMode, CompletionRequest};
+    let _serial = SERIAL.lock().await;
+    let p = provider().await;
+    // What the bridge sends while the user types at the end of a file with code below the cursor, through the
+    // completion pipeline (trimming, the Qwen2.5-Coder template: prefix first, suffix after it).
+    let style = PromptStyle::Template(FimTemplate::QwenCoder);
+    let suffix = document(12);
+    let mut prefix = format!("{}    total = ", document(11));
+    let request = |prefix: &str| {
+        let request = CompletionRequest {
+            language_id: "python".into(),
+            prefix: prefix.into(),
+            suffix: suffix.clone(),
+            mode: CompletionMode::SingleLine,
+            max_tokens: 2,
+            ..CompletionRequest::default()
+        };
+        prepare_completion(&request, style.clone(), ContextBudget::default(), 2, 0.0).request
+    };
+    let first = run(&p, request(&prefix)).await;
+    assert!(first.decoded_tokens > 300, "{first:?}");
+    for ch in "sum(values)".chars() {
+        prefix.push(ch);
+        let key = run(&p, request(&prefix)).await;
+        // Only the typed text (and a token it merged with) is decoded: never the 200+ suffix tokens.
+        assert!(key.decoded_tokens <= 6, "after {ch:?}: {key:?}");
+        assert!(key.prompt_tokens > 300, "{key:?}");
     }
 }

@@ -9,6 +9,7 @@
 use crate::provider::GenerationRequest;
 use lapce_ai_transport::protocol::CompletionRequest;
 
+pub mod anchor;
 pub mod cache;
 pub mod context;
 pub mod indent;
@@ -220,7 +221,7 @@ mod tests {
                 Some(related),
             );
             assert_eq!(with.context, plain.context, "extra {extra_tokens}");
-            let Prompt::FillInTheMiddle { prefix, suffix } = &with.request.prompt else {
+            let Prompt::FillInTheMiddle { prefix, suffix, .. } = &with.request.prompt else {
                 panic!("native style");
             };
             assert!(prefix.ends_with(&plain.context.prefix));

@@ -152,6 +152,28 @@ impl FimTemplate {
         }
     }
 
+    /// True for prefix-first layouts whose middle may start with given text ([`super::anchor`]): the marker
+    /// tokens delimit the parts exactly. Suffix-first layouts have the prefix last already; Code Llama's
+    /// layout puts spaces around its markers, so a split would change what the model sees.
+    pub fn can_start_middle(self) -> bool {
+        !matches!(
+            self,
+            FimTemplate::CodeLlama | FimTemplate::Codestral | FimTemplate::SeedCoder
+        )
+    }
+
+    /// The raw prompt for `prefix`/`suffix` with the middle starting at `middle_start` in the prefix (see
+    /// [`super::anchor`]) where the layout allows it; the model continues the middle right after it.
+    pub fn render_split(self, prefix: &str, suffix: &str, middle_start: Option<usize>) -> String {
+        if !self.can_start_middle() {
+            return self.render(prefix, suffix);
+        }
+        let (head, tail) = crate::provider::split_at_middle(prefix, middle_start);
+        let mut text = self.render(head, suffix);
+        text.push_str(tail);
+        text
+    }
+
     /// The raw prompt for `prefix`/`suffix`; the model generates the middle right after it.
     pub fn render(self, prefix: &str, suffix: &str) -> String {
         match self {
@@ -463,12 +485,13 @@ impl PromptStyle {
                 prompt: Prompt::FillInTheMiddle {
                     prefix: prefix.to_string(),
                     suffix: suffix.to_string(),
+                    middle_start: super::anchor::middle_start(prefix),
                 },
                 stop: Vec::new(),
                 chat_answer: false,
             },
             PromptStyle::Template(template) => raw(
-                template.render(prefix, suffix),
+                template.render_split(prefix, suffix, super::anchor::middle_start(prefix)),
                 template
                     .stop_tokens()
                     .iter()
@@ -526,7 +549,7 @@ impl PromptPlan {
         };
         // The native prompt's prefix may carry context from other files (commented path headers): keep it.
         let (prefix, suffix) = match &prepared.request.prompt {
-            Prompt::FillInTheMiddle { prefix, suffix } => (prefix.as_str(), suffix.as_str()),
+            Prompt::FillInTheMiddle { prefix, suffix, .. } => (prefix.as_str(), suffix.as_str()),
             _ => (
                 prepared.context.prefix.as_str(),
                 prepared.context.suffix.as_str(),
@@ -661,6 +684,67 @@ mod tests {
     }
 
     #[test]
+    fn prefix_first_templates_can_start_the_middle_with_the_prefix_tail() {
+        let head_len = "def add(a, b):\n".len();
+        for template in FimTemplate::ALL {
+            let split = template.render_split(PREFIX, SUFFIX, Some(head_len));
+            if template.can_start_middle() {
+                let expected = template.render("def add(a, b):\n", SUFFIX) + "    ";
+                assert_eq!(split, expected, "{template:?}");
+            } else {
+                assert_eq!(split, template.render(PREFIX, SUFFIX), "{template:?}");
+            }
+            // No split, or one that is not a char boundary: the plain layout.
+            assert_eq!(
+                template.render_split(PREFIX, SUFFIX, None),
+                template.render(PREFIX, SUFFIX)
+            );
+        }
+        assert_eq!(
+            FimTemplate::QwenCoder.render_split("é\nx", "s", Some(1)),
+            FimTemplate::QwenCoder.render("é\nx", "s")
+        );
+    }
+
+    #[test]
+    fn typing_only_appends_to_a_prefix_first_prompt() {
+        // What a prompt cache sees while the user types on the last line of a long file: each prompt extends
+        // the previous one, so the suffix is never evaluated again.
+        let file: String = (0..300)
+            .map(|i| format!("    item_{i} = lookup(table, {i})\n"))
+            .collect();
+        let suffix = "\n    return items\n\n\ndef main():\n    run()\n";
+        for style in [
+            PromptStyle::Template(FimTemplate::QwenCoder),
+            PromptStyle::Template(FimTemplate::StarCoder2),
+            PromptStyle::Template(FimTemplate::DeepSeekCoder),
+        ] {
+            let mut prefix = file.clone() + "    ";
+            let mut previous = style.build(&prefix, suffix, "python").prompt;
+            for ch in "total = sum(items)".chars() {
+                prefix.push(ch);
+                let prompt = style.build(&prefix, suffix, "python").prompt;
+                let (Prompt::Raw(before), Prompt::Raw(now)) = (&previous, &prompt) else {
+                    panic!("template styles build raw prompts");
+                };
+                assert!(now.starts_with(before.as_str()), "{style:?}: {now:?}");
+                assert!(now.ends_with(&prefix[prefix.rfind('\n').unwrap_or(0)..]));
+                previous = prompt;
+            }
+        }
+        // The native prompt carries the same split for providers that lay the prompt out themselves.
+        let prefix = file + "    x = ";
+        let Prompt::FillInTheMiddle { middle_start, .. } = PromptStyle::NativeFim
+            .build(&prefix, suffix, "python")
+            .prompt
+        else {
+            panic!("native prompt");
+        };
+        assert_eq!(middle_start, super::super::anchor::middle_start(&prefix));
+        assert!(middle_start.is_some_and(|at| prefix.as_bytes()[at - 1] == b'\n'));
+    }
+
+    #[test]
     fn stop_tokens_include_the_end_of_text_token() {
         let ends = [
             (FimTemplate::StarCoder, "<|endoftext|>"),
@@ -785,7 +869,8 @@ mod tests {
             native.prompt,
             Prompt::FillInTheMiddle {
                 prefix: "a".into(),
-                suffix: "b".into()
+                suffix: "b".into(),
+                middle_start: None,
             }
         );
         assert!(native.stop.is_empty());

@@ -75,7 +75,7 @@ impl Provider for LlamaCppProvider {
 
     fn generate(&self, request: GenerationRequest) -> EventStream {
         match &request.prompt {
-            Prompt::FillInTheMiddle { prefix, suffix } => {
+            Prompt::FillInTheMiddle { prefix, suffix, .. } => {
                 self.fill_in_the_middle(&request, prefix, suffix)
             }
             Prompt::Raw(text) => completion_stream(&self.endpoint, &self.profile, &request, text),

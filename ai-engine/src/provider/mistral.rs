@@ -45,7 +45,7 @@ impl Provider for MistralProvider {
     fn generate(&self, request: GenerationRequest) -> EventStream {
         let mut body = HttpEndpoint::streaming_body(&self.profile, &request);
         let path = match &request.prompt {
-            Prompt::FillInTheMiddle { prefix, suffix } => {
+            Prompt::FillInTheMiddle { prefix, suffix, .. } => {
                 body["prompt"] = json!(prefix);
                 body["suffix"] = json!(suffix);
                 "/v1/fim/completions"

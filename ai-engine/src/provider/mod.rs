@@ -24,12 +24,28 @@ pub enum Prompt {
     /// A finished raw prompt (e.g. a FIM template already applied, or plain prefix completion).
     Raw(String),
     /// Provider-native fill-in-the-middle (`suffix` field, `/v1/fim/completions`, ...).
-    FillInTheMiddle { prefix: String, suffix: String },
+    FillInTheMiddle {
+        prefix: String,
+        suffix: String,
+        /// Where a provider that lays out a prefix-first prompt itself may start the middle with the rest of
+        /// the prefix, so typing only appends tokens ([`crate::completion::anchor`]); `None`: the whole prefix
+        /// goes before the suffix. Providers that send `prefix` as a field ignore it.
+        middle_start: Option<usize>,
+    },
     /// Chat turns with an optional system prompt.
     Chat {
         system: Option<String>,
         messages: Vec<ChatTurn>,
     },
+}
+
+/// `prefix` split at a [`Prompt::FillInTheMiddle`]'s `middle_start` (ignored unless it is a char boundary
+/// inside the prefix): the text that goes before the suffix, and the text that starts the middle.
+pub fn split_at_middle(prefix: &str, middle_start: Option<usize>) -> (&str, &str) {
+    match middle_start {
+        Some(at) if at > 0 && prefix.is_char_boundary(at) => prefix.split_at(at),
+        _ => (prefix, ""),
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

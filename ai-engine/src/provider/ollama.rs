@@ -103,7 +103,7 @@ impl OllamaProvider {
                 body["raw"] = json!(true);
                 "/api/generate"
             }
-            Prompt::FillInTheMiddle { prefix, suffix } => {
+            Prompt::FillInTheMiddle { prefix, suffix, .. } => {
                 // Not raw: Ollama applies the model's own FIM template to prompt + suffix.
                 body["prompt"] = json!(prefix);
                 body["suffix"] = json!(suffix);

@@ -60,7 +60,7 @@ impl Provider for OpenAiProvider {
         let completions = self.profile.kind == ProviderKind::OpenAiCompletions;
         match (&request.prompt, completions) {
             (Prompt::Raw(text), true) => self.completion(&request, text, None),
-            (Prompt::FillInTheMiddle { prefix, suffix }, true) => {
+            (Prompt::FillInTheMiddle { prefix, suffix, .. }, true) => {
                 self.fill_in_the_middle(&request, prefix, suffix)
             }
             (Prompt::FillInTheMiddle { .. }, false) => error_stream(ProviderError::BadRequest(format!(

@@ -168,6 +168,7 @@ pub fn fim(prefix: &str, suffix: &str) -> GenerationRequest {
     request(Prompt::FillInTheMiddle {
         prefix: prefix.to_string(),
         suffix: suffix.to_string(),
+        middle_start: None,
     })
 }
 

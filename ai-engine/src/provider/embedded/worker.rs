@@ -23,7 +23,9 @@ use super::text::{Scan, StopScanner, Utf8Buffer};
 use super::threads::CpuPicture;
 use super::{EmbeddedOptions, FimLayout, Job, LoadState, ModelInfo, RequestMetrics, Shared};
 use crate::models::gguf::{check_model_file, total_ram_bytes};
-use crate::provider::{ChatRole, GenerationEvent, Prompt, ProviderError, StopReason, TokenUsage};
+use crate::provider::{
+    split_at_middle, ChatRole, GenerationEvent, Prompt, ProviderError, StopReason, TokenUsage,
+};
 
 /// llama.cpp's backend may be initialised once per process; every provider shares it.
 fn backend() -> Result<&'static LlamaBackend, ProviderError> {
@@ -645,32 +647,52 @@ impl Engine<'_> {
                 let tokens = vocab.tokenize(text.as_bytes(), false, true);
                 Ok(keep_tail(bos, tokens, budget))
             }
-            Prompt::FillInTheMiddle { prefix, suffix } if self.has_fim => {
-                let prefix = plain(prefix);
-                let mut suffix = plain(suffix);
+            Prompt::FillInTheMiddle {
+                prefix,
+                suffix,
+                middle_start,
+            } if self.has_fim => {
                 let fixed = bos.len() + 3;
                 let room = budget.saturating_sub(fixed);
+                // Prefix-first: the prefix's last lines start the middle, so typing appends tokens and the
+                // cached suffix stays valid (`completion::anchor`). Suffix-first has the prefix last already.
+                let (mut head, mut tail) = match self.fim_layout {
+                    FimLayout::SuffixPrefixMiddle => (plain(prefix), Vec::new()),
+                    FimLayout::PrefixSuffixMiddle | FimLayout::Auto => {
+                        let (head, tail) = split_at_middle(prefix, *middle_start);
+                        (plain(head), plain(tail))
+                    }
+                };
+                if tail.len() > room / 2 {
+                    // A tail that would crowd out the rest goes back in front of the suffix.
+                    head = plain(prefix);
+                    tail.clear();
+                }
+                let mut suffix = plain(suffix);
+                let prefix_tokens = head.len() + tail.len();
                 // The suffix gets at most a quarter of the room; the prefix keeps its tail, cut in steps.
-                suffix.truncate((room / 4).max(room.saturating_sub(prefix.len())));
-                let prefix_room = room.saturating_sub(suffix.len());
-                let excess = prefix.len().saturating_sub(prefix_room);
-                let truncated = kv::window_start(excess, window_step(prefix_room), prefix.len());
+                suffix.truncate((room / 4).max(room.saturating_sub(prefix_tokens)));
+                let head_room = room.saturating_sub(suffix.len() + tail.len());
+                let excess = head.len().saturating_sub(head_room);
+                let truncated = kv::window_start(excess, window_step(head_room), head.len());
                 let mut tokens = bos;
                 match self.fim_layout {
                     FimLayout::SuffixPrefixMiddle => {
                         tokens.push(vocab.fim_suf());
                         tokens.extend_from_slice(&suffix);
                         tokens.push(vocab.fim_pre());
-                        tokens.extend_from_slice(&prefix[truncated..]);
+                        tokens.extend_from_slice(&head[truncated..]);
+                        tokens.push(vocab.fim_mid());
                     }
                     FimLayout::PrefixSuffixMiddle | FimLayout::Auto => {
                         tokens.push(vocab.fim_pre());
-                        tokens.extend_from_slice(&prefix[truncated..]);
+                        tokens.extend_from_slice(&head[truncated..]);
                         tokens.push(vocab.fim_suf());
                         tokens.extend_from_slice(&suffix);
+                        tokens.push(vocab.fim_mid());
+                        tokens.extend_from_slice(&tail);
                     }
                 }
-                tokens.push(vocab.fim_mid());
                 Ok(Tokens { tokens, truncated })
             }
             Prompt::FillInTheMiddle { prefix, .. } => {
