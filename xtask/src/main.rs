@@ -303,41 +303,90 @@ impl Workspace {
             .join("lapce_ai_volt.wasm"))
     }
 
-    fn build_native(&self, cpu: Cpu) -> Result<(PathBuf, PathBuf)> {
-        // Built for this machine: llama.cpp with every SIMD extension of this CPU (see `simd`).
-        let native = simd::native_rustflags();
-        let env: &[(&str, &str)] = match cpu {
-            Cpu::ThisMachine => &[("RUSTFLAGS", native.as_str())],
-            Cpu::Any => &[],
-        };
-        self.cargo_with_env(
-            &[
+    /// Builds the bridge and the engine. For [`Cpu::Any`] the engine dispatches on the CPU at run time
+    /// (`dynamic-backends`): the result lists the ggml libraries it loads, which must ship beside it.
+    fn build_native(&self, cpu: Cpu) -> Result<NativeBuild> {
+        let build = |package: &'static str| {
+            vec![
                 "build",
                 "--profile",
                 &self.profile,
                 "-p",
-                BRIDGE,
+                package,
                 "--bin",
-                BRIDGE,
-                "-p",
-                ENGINE,
-                "--bin",
-                ENGINE,
-            ],
-            env,
-        )?;
+                package,
+            ]
+        };
+        let libraries = match cpu {
+            // Built for this machine: llama.cpp with every SIMD extension of this CPU (see `simd`).
+            Cpu::ThisMachine => {
+                let mut args = build(BRIDGE);
+                args.extend(["-p", ENGINE, "--bin", ENGINE]);
+                self.cargo_with_env(&args, &[("RUSTFLAGS", simd::native_rustflags().as_str())])?;
+                Vec::new()
+            }
+            Cpu::Any => {
+                self.cargo_with_env(&build(BRIDGE), &[])?;
+                // Its own invocation: `--features ai-engine/...` would name ai-engine's dev-dependency on
+                // itself, not the package being built.
+                let mut args = build(ENGINE);
+                args.extend(["--features", simd::CPU_DISPATCH_FEATURE]);
+                let out_dirs = self.cargo_build_script_outputs(&args, simd::LLAMA_SYS_CRATE)?;
+                simd::runtime_libraries(&out_dirs)?
+            }
+        };
         let exe = std::env::consts::EXE_SUFFIX;
         let release = self.target_dir.join(self.profile_dir());
-        Ok((
-            release.join(format!("{BRIDGE}{exe}")),
-            release.join(format!("{ENGINE}{exe}")),
-        ))
+        Ok(NativeBuild {
+            bridge: release.join(format!("{BRIDGE}{exe}")),
+            engine: release.join(format!("{ENGINE}{exe}")),
+            libraries,
+        })
+    }
+
+    /// Runs a cargo build and returns the output folders of `crate_name`'s build script (from cargo's JSON
+    /// messages: exact even when older builds of the crate sit in the target folder).
+    fn cargo_build_script_outputs(&self, args: &[&str], crate_name: &str) -> Result<Vec<PathBuf>> {
+        println!("$ cargo {}", args.join(" "));
+        let output = Command::new(&self.cargo)
+            .args(args)
+            .args(["--message-format", "json-render-diagnostics"])
+            .current_dir(&self.root)
+            .env("CARGO_TARGET_DIR", &self.target_dir)
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .context("running cargo")?;
+        if !output.status.success() {
+            bail!("cargo {} failed ({})", args.join(" "), output.status);
+        }
+        let mut out_dirs = Vec::new();
+        for line in String::from_utf8_lossy(&output.stdout).lines() {
+            let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
+            let is_crate = message["package_id"].as_str().is_some_and(|id| {
+                id.contains(&format!("{crate_name}@")) || id.starts_with(&format!("{crate_name} "))
+            });
+            if message["reason"] == "build-script-executed" && is_crate {
+                if let Some(dir) = message["out_dir"].as_str() {
+                    out_dirs.push(PathBuf::from(dir));
+                }
+            }
+        }
+        if out_dirs.is_empty() {
+            bail!("cargo did not report the build output of {crate_name}");
+        }
+        Ok(out_dirs)
     }
 
     /// Builds and writes the volt folder: volt.toml, lapce-ai.wasm, icon, bin/<name>-<os>-<arch>.
     fn build_and_lay_out(&self, dir: &Path, cpu: Cpu) -> Result<()> {
         let wasm = self.build_wasm()?;
-        let (bridge, engine) = self.build_native(cpu)?;
+        let NativeBuild {
+            bridge,
+            engine,
+            libraries,
+        } = self.build_native(cpu)?;
         let bin = dir.join("bin");
         fs::create_dir_all(&bin).with_context(|| format!("creating {}", bin.display()))?;
         copy_replacing(&self.root.join("volt.toml"), &dir.join("volt.toml"))?;
@@ -345,8 +394,19 @@ impl Workspace {
         copy_replacing(&wasm, &dir.join(format!("{VOLT_NAME}.wasm")))?;
         copy_replacing(&bridge, &bin.join(platform_name(BRIDGE)))?;
         copy_replacing(&engine, &bin.join(platform_name(ENGINE)))?;
+        for (name, library) in &libraries {
+            copy_replacing(library, &bin.join(name))?;
+        }
         Ok(())
     }
+}
+
+/// The native binaries of one build, and the libraries the engine loads at run time (`(file name, file)`,
+/// shipped in the same folder; empty when llama.cpp is linked in).
+struct NativeBuild {
+    bridge: PathBuf,
+    engine: PathBuf,
+    libraries: Vec<(String, PathBuf)>,
 }
 
 /// Which CPUs the native binaries must run on.

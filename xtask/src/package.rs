@@ -49,22 +49,21 @@ pub fn default_release_url(root: &Path) -> Result<String> {
     ))
 }
 
-/// Builds the bridge and the engine for this machine and writes their archive into `out_dir`:
-/// `bin/lapce-ai-lsp-<os>-<arch>`, `bin/ai-engine-<os>-<arch>` and any llama.cpp/ggml shared library the
-/// build put beside the engine.
+/// Builds the bridge and the engine for any CPU of this platform and writes their archive into `out_dir`:
+/// `bin/lapce-ai-lsp-<os>-<arch>`, `bin/ai-engine-<os>-<arch>`, and the llama.cpp/ggml libraries the
+/// engine loads, among them one `libggml-cpu-*` per CPU generation (the engine picks the best at start).
 pub fn write_platform_archive(ws: &Workspace, out_dir: &Path) -> Result<PathBuf> {
-    let (bridge, engine) = ws.build_native(crate::Cpu::Any)?;
+    let build = ws.build_native(crate::Cpu::Any)?;
     let mut files = vec![
-        (format!("bin/{}", platform_name(BRIDGE)), bridge),
-        (format!("bin/{}", platform_name(ENGINE)), engine.clone()),
+        (format!("bin/{}", platform_name(BRIDGE)), build.bridge),
+        (format!("bin/{}", platform_name(ENGINE)), build.engine),
     ];
-    if let Some(dir) = engine.parent() {
-        files.extend(
-            shared_libraries_in(dir)?
-                .into_iter()
-                .map(|lib| (format!("bin/{}", file_name(&lib)), lib)),
-        );
-    }
+    files.extend(
+        build
+            .libraries
+            .into_iter()
+            .map(|(name, file)| (format!("bin/{name}"), file)),
+    );
     let out = out_dir.join(platform_archive_name(
         std::env::consts::OS,
         std::env::consts::ARCH,
@@ -77,23 +76,6 @@ fn file_name(path: &Path) -> String {
     path.file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default()
-}
-
-/// llama.cpp/ggml libraries (e.g. CPU-variant `libggml-cpu-*.so`) in a cargo output folder.
-fn shared_libraries_in(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut libs = Vec::new();
-    for entry in fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
-        let path = entry?.path();
-        let name = file_name(&path);
-        let ours = ["libggml", "libllama", "libmtmd"]
-            .iter()
-            .any(|p| name.starts_with(p));
-        if ours && name.contains(".so") && path.is_file() {
-            libs.push(path);
-        }
-    }
-    libs.sort();
-    Ok(libs)
 }
 
 /// A gzipped tar of `(name in archive, file)` pairs; executables keep mode 0755, others 0644.

@@ -60,7 +60,7 @@ fn is_marker(line: &str) -> bool {
     }
     let mut hasher = DefaultHasher::new();
     line.hash(&mut hasher);
-    hasher.finish() % MARKER_EVERY == 0
+    hasher.finish().is_multiple_of(MARKER_EVERY)
 }
 
 #[cfg(test)]

@@ -331,11 +331,15 @@ async fn scenarios(args: &SuiteArgs, rows: &mut Vec<Row>, label: &str) -> Result
         return Ok(());
     }
 
-    // Typing 30 characters at the end of a 20 KB file with a 2 KB suffix, PSM vs SPM templates.
-    let keystrokes = if args.quick { 10 } else { 30 };
-    for (name, template) in [
-        ("PSM (qwen2.5-coder)", "qwen2.5-coder"),
-        ("SPM (codestral)", "codestral"),
+    // Typing 30 characters at the end of a 20 KB file with a 2 KB suffix, PSM vs SPM templates; then 90
+    // characters over three new lines under PSM, where finishing a line can move the start of the middle.
+    let letters: String = (0..30).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+    let lines =
+        "    x = compute(values, 1)\n    y = compute(values, 2)\n    z = compute(values, 3)\n";
+    for (name, template, typed) in [
+        ("PSM (qwen2.5-coder)", "qwen2.5-coder", letters.as_str()),
+        ("SPM (codestral)", "codestral", letters.as_str()),
+        ("PSM, 3 new lines", "qwen2.5-coder", lines),
     ] {
         let style = PromptStyle::from_name(template).map_err(|e| e.to_string())?;
         let file = source_file(7, 20_000);
@@ -343,8 +347,9 @@ async fn scenarios(args: &SuiteArgs, rows: &mut Vec<Row>, label: &str) -> Result
         let mut prefix = file.clone();
         run_one(&provider, completion_request(&prefix, &suffix, &style)).await;
         let mut samples = Vec::new();
-        for i in 0..keystrokes {
-            prefix.push(char::from(b'a' + (i % 26) as u8));
+        let keystrokes = if args.quick { 10 } else { typed.len() };
+        for ch in typed.chars().take(keystrokes) {
+            prefix.push(ch);
             let m = run_one(&provider, completion_request(&prefix, &suffix, &style)).await;
             samples.push(ttft(&m));
         }

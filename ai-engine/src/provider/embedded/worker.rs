@@ -232,7 +232,10 @@ fn hardware() -> (String, String) {
             (value.trim() == "1" && !name.is_empty()).then_some(name)
         })
         .collect();
-    let cpu = format!("CPU ({})", features.join(" "));
+    let cpu = match loaded_cpu_variant() {
+        Some(variant) => format!("CPU {variant} ({})", features.join(" ")),
+        None => format!("CPU ({})", features.join(" ")),
+    };
     let gpus: Vec<String> = llama_cpp_2::list_llama_ggml_backend_devices()
         .into_iter()
         .filter(|d| {
@@ -245,6 +248,17 @@ fn hardware() -> (String, String) {
         .map(|d| format!("{} {}", d.backend, d.description))
         .collect();
     (cpu, gpus.join(", "))
+}
+
+/// The `libggml-cpu-<variant>` ggml loaded for this CPU, when CPU variants are loaded at run time (Linux: read
+/// from this process's memory map; `None` for a build with one CPU backend linked in).
+fn loaded_cpu_variant() -> Option<String> {
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    maps.lines().find_map(|line| {
+        let file = line.rsplit('/').next()?;
+        let variant = file.strip_prefix("libggml-cpu-")?;
+        Some(variant.split(".so").next()?.to_string())
+    })
 }
 
 fn load_model(path: &Path) -> Result<Arc<LlamaModel>, ProviderError> {
