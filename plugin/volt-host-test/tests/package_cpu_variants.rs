@@ -112,28 +112,16 @@ fn unpack(archive: &Path, into: &Path) -> Vec<String> {
 fn packaged_engine_loads_the_best_cpu_variant_from_its_own_folder() {
     let _restore = RestoreDebugEngine;
     let out = tempfile::tempdir().expect("tempdir");
-    {
-        let _lock = cargo_lock();
-        let output = cargo()
-            .args(["run", "--quiet", "-p", "xtask", "--"])
-            // The test checks the layout and the loading, not the optimisation: the test build's profile.
-            .args([
-                "--profile",
-                "dev",
-                "package",
-                "--platform-only",
-                "--out-dir",
-            ])
-            .arg(out.path())
-            .output()
-            .expect("run xtask");
-        assert!(
-            output.status.success(),
-            "xtask package failed:\n{}\n{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
+    // The test checks the layout and the loading, not the optimisation: the test build's profile.
+    xtask(
+        "dev",
+        &[
+            "package".as_ref(),
+            "--platform-only".as_ref(),
+            "--out-dir".as_ref(),
+            out.path().as_os_str(),
+        ],
+    );
     let archive = out.path().join(format!(
         "lapce-ai-{}-{}-{}.tar.gz",
         env!("CARGO_PKG_VERSION"),

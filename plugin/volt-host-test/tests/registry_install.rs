@@ -77,27 +77,16 @@ fn platform_archive(bridge: &Path, engine: &Path) -> Vec<u8> {
 /// Runs `cargo xtask package --registry-only` on a folder holding `archive` and returns the `.volt` file.
 fn registry_archive(dist: &Path, archive: &[u8], release_url: &str) -> PathBuf {
     std::fs::write(dist.join(archive_name()), archive).expect("archive");
-    let _lock = cargo_lock();
-    let out = cargo()
-        .args([
-            "run",
-            "--quiet",
-            "-p",
-            "xtask",
-            "--",
-            "--profile",
-            "release",
-        ])
-        .args(["package", "--registry-only", "--release-url", release_url])
-        .arg("--out-dir")
-        .arg(dist)
-        .output()
-        .expect("run xtask");
-    assert!(
-        out.status.success(),
-        "xtask package failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    xtask(
+        "release",
+        &[
+            "package".as_ref(),
+            "--registry-only".as_ref(),
+            "--release-url".as_ref(),
+            release_url.as_ref(),
+            "--out-dir".as_ref(),
+            dist.as_os_str(),
+        ],
     );
     let sums = std::fs::read_to_string(dist.join("SHA256SUMS")).expect("SHA256SUMS");
     assert!(sums.contains(&archive_name()), "{sums}");

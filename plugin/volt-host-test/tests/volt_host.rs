@@ -121,34 +121,17 @@ fn a_binary_for_another_format_or_cpu_is_not_started() {
 fn xtask_install_produces_a_folder_the_host_loads() {
     let dir = tempfile::tempdir().expect("tempdir");
     let volt = dir.path().join("lapce-ai");
-    {
-        let _lock = cargo_lock();
-        let out = cargo()
-            .args([
-                "run",
-                "--quiet",
-                "-p",
-                "xtask",
-                "--",
-                // The test checks the layout, not the optimisation: reuse the test build's profile.
-                "--profile",
-                "dev",
-                "install",
-                "--skip-model",
-                "--dir",
-            ])
-            .arg(&volt)
-            .output()
-            .expect("run xtask");
-        assert!(
-            out.status.success(),
-            "xtask install failed:\n{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(stdout.contains("--plugin-path"), "{stdout}");
-    }
+    // The test checks the layout, not the optimisation: reuse the test build's profile.
+    let stdout = xtask(
+        "dev",
+        &[
+            "install".as_ref(),
+            "--skip-model".as_ref(),
+            "--dir".as_ref(),
+            volt.as_os_str(),
+        ],
+    );
+    assert!(stdout.contains("--plugin-path"), "{stdout}");
     for file in ["volt.toml", "lapce-ai.wasm", "icon.svg"] {
         assert!(volt.join(file).is_file(), "{file} installed");
     }

@@ -39,6 +39,24 @@ pub fn cargo() -> Command {
     c
 }
 
+/// Runs `cargo xtask --profile <profile> <args>` (serialised with the other cargo runs) and returns its
+/// stdout; fails the test with both outputs when it fails.
+pub fn xtask(profile: &str, args: &[&std::ffi::OsStr]) -> String {
+    let _lock = cargo_lock();
+    let out = cargo()
+        .args(["run", "--quiet", "-p", "xtask", "--", "--profile", profile])
+        .args(args)
+        .output()
+        .expect("run xtask");
+    assert!(
+        out.status.success(),
+        "xtask {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Builds the wasm volt (release, wasm32-wasip1) with the given baked release URL and archive hashes and
 /// returns its bytes (read before another test can rebuild it differently).
 pub fn built_wasm(release_url: &str, hashes: &str) -> Vec<u8> {
