@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use lapce_ai_transport::util::lock;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -76,7 +77,7 @@ impl FakeOpenAi {
                             return;
                         }
                     }
-                    b.lock().unwrap_or_else(|p| p.into_inner()).push(body);
+                    lock(&b).push(body);
                     r.fetch_add(1, Ordering::SeqCst);
                     let chat = path.contains("chat");
                     let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n";

@@ -327,6 +327,7 @@ impl Workspace {
             }
             Cpu::Any => {
                 self.cargo_with_env(&build(BRIDGE), &[])?;
+                simd::remove_dangling_library_links(&self.target_dir.join(self.profile_dir()));
                 // Its own invocation: `--features ai-engine/...` would name ai-engine's dev-dependency on
                 // itself, not the package being built.
                 let mut args = build(ENGINE);

@@ -79,6 +79,27 @@ pub fn runtime_libraries(out_dirs: &[PathBuf]) -> Result<Vec<(String, PathBuf)>>
     Ok(libraries)
 }
 
+/// Removes links to llama.cpp/ggml libraries in `profile_dir` and its `deps/` that lead nowhere.
+/// llama-cpp-sys-2 hard-links the `libllama.so -> libllama.so.0` links of its build into those folders, where
+/// they dangle; a later build of the crate with other features sees no file there, tries to link again and
+/// fails with "File exists".
+pub fn remove_dangling_library_links(profile_dir: &std::path::Path) {
+    for dir in [profile_dir.to_path_buf(), profile_dir.join("deps")] {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let ours = name.starts_with("libllama") || name.starts_with("libggml");
+            let dangling = path.is_symlink() && !path.exists();
+            if ours && dangling {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -126,5 +147,26 @@ mod tests {
             error.to_string().contains("no ggml CPU variants"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn only_dangling_links_to_our_libraries_are_removed() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let profile = dir.path();
+        std::fs::create_dir(profile.join("deps")).expect("mkdir");
+        std::fs::write(profile.join("libggml.so.0"), b"x").expect("write");
+        let link = |target: &str, name: &str| {
+            std::os::unix::fs::symlink(target, profile.join(name)).expect("ln");
+        };
+        link("libllama.so.0", "libllama.so"); // dangling, ours
+        link("libggml.so.0", "libggml.so"); // resolves
+        link("libfoo.so.1", "libfoo.so"); // dangling, not ours
+        std::os::unix::fs::symlink("libggml-base.so.0", profile.join("deps/libggml-base.so"))
+            .expect("ln");
+        remove_dangling_library_links(profile);
+        assert!(!profile.join("libllama.so").is_symlink());
+        assert!(!profile.join("deps/libggml-base.so").is_symlink());
+        assert!(profile.join("libggml.so").exists());
+        assert!(profile.join("libfoo.so").is_symlink());
     }
 }

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use super::cache::{CacheScope, PREFIX_TAIL_BYTES, SUFFIX_HEAD_BYTES};
 use super::postprocess::{CompletionFilter, FilterStep};
 use crate::provider::{GenerationEvent, ProviderError, StopReason};
+use lapce_ai_transport::util::lock;
 
 /// How long a generation nobody listens to keeps running, waiting for a request to adopt it. Longer than the
 /// bridge's longest debounce (1 s), so the next keystroke's request arrives in time.
@@ -122,7 +123,7 @@ pub struct Generation {
 
 impl Generation {
     fn listeners(&self) -> MutexGuard<'_, Listeners> {
-        self.listeners.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.listeners)
     }
 
     /// When the generation is to be cancelled for lack of listeners, if it has none.
@@ -205,7 +206,7 @@ pub struct InflightGenerations {
 
 impl InflightGenerations {
     fn generations(&self) -> MutexGuard<'_, Vec<Arc<Generation>>> {
-        self.generations.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.generations)
     }
 
     /// Subscribes `request` to a running (or just finished) generation it types through, from the first

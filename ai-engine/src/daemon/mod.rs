@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::completion::WorkspaceStore;
 use crate::config::EngineConfig;
 use crate::engine::{Engine, EngineError, Outcome, ProviderFactory, TextSink};
+use lapce_ai_transport::util::lock;
 
 /// A request in flight: (slot, connection generation, request id).
 type RequestKey = (u32, u64, u64);
@@ -76,7 +77,7 @@ impl DaemonHandler {
     }
 
     fn idle(&self) -> std::sync::MutexGuard<'_, idle::IdleTracker> {
-        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.idle)
     }
 
     /// Time left before the idle exit (`None`: clients connected, requests running, or never).
@@ -111,7 +112,7 @@ impl DaemonHandler {
     }
 
     fn in_flight(&self) -> std::sync::MutexGuard<'_, HashMap<RequestKey, CancellationToken>> {
-        self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.in_flight)
     }
 
     fn key(connection: &ServerConnection, id: u64) -> RequestKey {
@@ -121,7 +122,7 @@ impl DaemonHandler {
     fn workspaces(
         &self,
     ) -> std::sync::MutexGuard<'_, HashMap<ConnectionKey, Arc<Mutex<WorkspaceStore>>>> {
-        self.workspaces.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.workspaces)
     }
 
     /// The connection's document store, if it synced any document.
@@ -151,7 +152,7 @@ impl DaemonHandler {
             ),
             (None, None) => return,
         };
-        let mut store = store.lock().unwrap_or_else(|p| p.into_inner());
+        let mut store = lock(&store);
         if let Some(sync) = sync {
             // A refusal is logged by the store; the document is just not used as context.
             let _ = store.apply(sync);

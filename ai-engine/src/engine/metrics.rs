@@ -1,5 +1,6 @@
 //! Engine counters and latency percentiles for `ai-engine status`.
 
+use lapce_ai_transport::util::lock;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -58,15 +59,9 @@ pub struct Latencies {
 impl Metrics {
     pub fn record_latency(&self, time_to_first_token: Option<Duration>, total: Duration) {
         if let Some(ttft) = time_to_first_token {
-            self.time_to_first_token
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .record(ttft.as_micros() as u64);
+            lock(&self.time_to_first_token).record(ttft.as_micros() as u64);
         }
-        self.total
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .record(total.as_micros() as u64);
+        lock(&self.total).record(total.as_micros() as u64);
     }
 
     pub fn count(counter: &AtomicU64) {
@@ -74,11 +69,8 @@ impl Metrics {
     }
 
     pub fn latencies(&self) -> Latencies {
-        let ttft = self
-            .time_to_first_token
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let total = self.total.lock().unwrap_or_else(|p| p.into_inner());
+        let ttft = lock(&self.time_to_first_token);
+        let total = lock(&self.total);
         Latencies {
             time_to_first_token_p50_us: ttft.percentile(50.0),
             time_to_first_token_p95_us: ttft.percentile(95.0),

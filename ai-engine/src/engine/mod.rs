@@ -28,6 +28,7 @@ use crate::provider::{
     ChatRole, ChatTurn, GenerationEvent, GenerationRequest, Prompt, Provider, ProviderError,
     StopReason,
 };
+use lapce_ai_transport::util::lock;
 pub use metrics::Metrics;
 pub use registry::{default_factory, ProviderFactory, ProviderRegistry};
 
@@ -164,7 +165,7 @@ impl Engine {
         drop(state);
         if changed {
             let settings = self.config().cache;
-            let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            let mut cache = lock(&self.cache);
             *cache = CompletionCache::new(completion::CacheConfig {
                 max_entries: settings.entries,
                 time_to_live: settings.ttl,
@@ -269,7 +270,7 @@ impl Engine {
         let extra_tokens = config.context.effective_extra_tokens();
         let mut prepared = match workspace.filter(|_| extra_tokens > 0) {
             Some(workspace) => {
-                let store = workspace.lock().unwrap_or_else(|p| p.into_inner());
+                let store = lock(workspace);
                 let placement = if provider.kind() == EXTRA_CONTEXT_PROVIDER_KIND {
                     SnippetPlacement::ExtraContext
                 } else {
@@ -303,11 +304,7 @@ impl Engine {
             request.mode,
             request.max_lines,
         );
-        let cached = self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(
-            &scope,
-            &trimmed.prefix,
-            &trimmed.suffix,
-        );
+        let cached = lock(&self.cache).get(&scope, &trimmed.prefix, &trimmed.suffix);
         if let Some(text) = cached {
             Metrics::count(&self.metrics.cache_hits);
             if !text.is_empty() {
@@ -340,12 +337,7 @@ impl Engine {
         let subscription = self
             .inflight
             .start(origin, stream, filter, move |completion| {
-                cache.lock().unwrap_or_else(|p| p.into_inner()).insert(
-                    &scope,
-                    &cache_prefix,
-                    &cache_suffix,
-                    completion,
-                );
+                lock(&cache).insert(&scope, &cache_prefix, &cache_suffix, completion);
             });
         self.follow(subscription, false, sink, cancel, started)
             .await

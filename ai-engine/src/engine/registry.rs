@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::config::{ApiKey, EngineConfig, ProfileConfig, ProviderKind};
 use crate::provider::{Provider, ProviderError};
+use lapce_ai_transport::util::lock;
 
 /// Builds a provider for a profile. Replaceable so tests and benchmarks can inject instant fakes.
 pub type ProviderFactory =
@@ -36,7 +37,7 @@ impl ProviderRegistry {
     /// when its profile was edited or its key changed.
     pub fn get(&self, profile: &ProfileConfig) -> Result<Arc<dyn Provider>, ProviderError> {
         let key = profile.resolve_api_key();
-        let mut built = self.built.lock().unwrap_or_else(|p| p.into_inner());
+        let mut built = lock(&self.built);
         if let Some(entry) = built.get(&profile.name) {
             if entry.profile == *profile && entry.key == key {
                 return Ok(Arc::clone(&entry.provider));
@@ -57,9 +58,7 @@ impl ProviderRegistry {
 
     /// The provider if already built (for status output).
     pub fn peek(&self, name: &str) -> Option<Arc<dyn Provider>> {
-        self.built
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        lock(&self.built)
             .get(name)
             .map(|entry| Arc::clone(&entry.provider))
     }

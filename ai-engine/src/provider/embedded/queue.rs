@@ -1,5 +1,6 @@
 //! The embedded model's job queue: completions before chat before prefill, arrival order within a class.
 
+use lapce_ai_transport::util::lock;
 use std::sync::{Condvar, Mutex, MutexGuard};
 
 /// How urgent a job is; the smaller, the sooner it runs.
@@ -39,7 +40,7 @@ impl<J> JobQueue<J> {
     }
 
     fn lock(&self) -> MutexGuard<'_, State<J>> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.state)
     }
 
     /// Queues `job`; gives it back when the queue is closed.
