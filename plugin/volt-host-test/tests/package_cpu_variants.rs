@@ -1,6 +1,7 @@
 //! `cargo xtask package` ships an engine that runs on any CPU of the platform: llama.cpp's CPU backend comes
-//! as one `libggml-cpu-*` library per CPU generation beside the engine, and the unpacked engine, with no help
-//! from the build tree, loads the best one for this CPU and completes with the test model.
+//! as one `libggml-cpu-*` library per CPU generation beside the engine, and the unpacked engine, started through
+//! a link as the shell finds it and with no help from the build tree, loads the best one for this CPU and
+//! completes with the test model.
 
 mod common;
 
@@ -156,8 +157,16 @@ fn packaged_engine_loads_the_best_cpu_variant_from_its_own_folder() {
         ),
     )
     .expect("config");
+    // Started as the bridge links it for the shell (`~/.local/bin/ai-engine`): through a link in another folder.
+    let link = home.path().join("local-bin");
+    std::fs::create_dir(&link).expect("link dir");
+    std::os::unix::fs::symlink(
+        home.path().join("bin").join(engine_name()),
+        link.join("ai-engine"),
+    )
+    .expect("link the engine");
     let engine = UnpackedEngine {
-        exe: home.path().join("bin").join(engine_name()),
+        exe: link.join("ai-engine"),
         home,
     };
     let completed = engine.run(&["complete"], "def add(a, b):\n    return<|cursor|>");
