@@ -140,9 +140,11 @@ impl Drop for Mapping {
     }
 }
 
-/// Number of CPUs this process may run on (1 disables spinning).
+/// Number of CPUs this process may run on (1 disables spinning). Read once per process: std's answer costs
+/// about 16 syscalls (the cgroup quota files and the affinity mask), and every new spin policy asks for it.
 pub fn available_cpus() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+    static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 /// 64 random bits (getrandom); falls back to time and pid, which only has to differ between incarnations.
