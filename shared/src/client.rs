@@ -176,6 +176,12 @@ impl EngineLink {
         segment.wake_server(self.page());
     }
 
+    /// Tells the reactor that `slot`'s announcement is in its lock file, and wakes it.
+    pub(crate) fn announce(&self, slot: u32) {
+        self.page().announce(slot);
+        self.page().bell().ring_always();
+    }
+
     /// Wakes the reactor unconditionally (one syscall). A client that waited a whole liveness interval for the
     /// engine does this, so a wake-up lost to a peer that scribbled on the shared page costs at most one
     /// interval, never a stall.
@@ -273,8 +279,8 @@ impl ClientParts {
                 "hello does not fit the ring".into(),
             ));
         }
-        // Announce the segment: the engine's inotify watch sees this write, opens our memfd through /proc and
-        // attaches.
+        // Announce the segment in the slot's lock file, then ring the reactor, which opens our memfd through
+        // /proc, verifies and attaches it, and answers the hello.
         let memfd = segment
             .memfd_number()
             .ok_or_else(|| TransportError::Protocol("a client segment without its memfd".into()))?;
@@ -284,6 +290,7 @@ impl ClientParts {
             .file()
             .write_all_at(&announcement.encode(), 0)
             .map_err(|e| TransportError::io("announcing the slot", e))?;
+        engine.announce(slot);
         tracing::debug!(slot, memfd, "slot announced, waiting for hello-ack");
 
         let deadline = Instant::now() + options.connect_timeout;
@@ -302,6 +309,11 @@ impl ClientParts {
                 "waiting for the engine's hello-ack",
                 || receiver.has_data(),
             )?;
+            if !receiver.has_data() {
+                // Slept without an answer: a peer may have cleared our bit in the shared page. Announcing again
+                // costs the reactor one read of our lock file if it had seen us already.
+                engine.announce(slot);
+            }
         }
         let message = receiver.message();
         let info = match message.message_type() {
