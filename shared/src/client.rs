@@ -176,10 +176,12 @@ impl EngineLink {
         segment.wake_server(self.page());
     }
 
-    /// Tells the reactor that `slot`'s announcement is in its lock file, and wakes it.
+    /// Tells the reactor that `slot`'s announcement is in its lock file, and wakes it if it sleeps (no
+    /// syscall while it is awake or spinning). A wake-up lost to a peer that cleared the shared flag is
+    /// repaired by the handshake's liveness tick, which announces again and rings unconditionally.
     pub(crate) fn announce(&self, slot: u32) {
         self.page().announce(slot);
-        self.page().bell().ring_always();
+        self.page().bell().ring();
     }
 
     /// Wakes the reactor unconditionally (one syscall). A client that waited a whole liveness interval for the
@@ -219,7 +221,8 @@ pub(crate) struct ClientParts {
 
 impl ClientParts {
     fn connect(endpoint: &Endpoint, options: ClientOptions) -> Result<Self, TransportError> {
-        endpoint.ensure_dirs()?;
+        // The engine created the directories; a client only checks them (no mkdir per connect).
+        endpoint.verify_dirs()?;
         let engine = EngineLink::open(endpoint)?;
         let (slot, slot_lock) = claim_slot(endpoint, engine.page())?;
         let segment = match SlotSegment::create(
@@ -269,7 +272,7 @@ impl ClientParts {
             client_to_server_ring_bytes: options.client_to_server_ring_bytes as u32,
             server_to_client_ring_bytes: options.server_to_client_ring_bytes as u32,
             generation: segment.generation(),
-            client_pid: std::process::id(),
+            client_pid: segment.client_pid(),
             client_name: options.client_name.clone(),
         };
         let bytes = crate::protocol::encode(&hello)?;
@@ -285,7 +288,7 @@ impl ClientParts {
             .memfd_number()
             .ok_or_else(|| TransportError::Protocol("a client segment without its memfd".into()))?;
         let announcement =
-            crate::segment::Announcement::new(segment.generation(), std::process::id(), memfd);
+            crate::segment::Announcement::new(segment.generation(), segment.client_pid(), memfd);
         slot_lock
             .file()
             .write_all_at(&announcement.encode(), 0)
@@ -294,7 +297,10 @@ impl ClientParts {
         tracing::debug!(slot, memfd, "slot announced, waiting for hello-ack");
 
         let deadline = Instant::now() + options.connect_timeout;
-        let mut spin = SpinPolicy::new(options.max_spin);
+        // The answer takes the engine's verification (about a dozen syscalls) plus, when its reactor sleeps, a
+        // wake-up (tens of microseconds on a VM): a spin of `max_spin` would often end just before it and add a
+        // sleep and a wake-up of our own. Connects are rare, so this one spin may last longer.
+        let mut spin = SpinPolicy::new(options.max_spin * HANDSHAKE_SPIN_FACTOR);
         loop {
             match receiver.poll()? {
                 Received::Message => break,
@@ -310,9 +316,15 @@ impl ClientParts {
                 || receiver.has_data(),
             )?;
             if !receiver.has_data() {
-                // Slept without an answer: a peer may have cleared our bit in the shared page. Announcing again
-                // costs the reactor one read of our lock file if it had seen us already.
-                engine.announce(slot);
+                // Slept without an answer: a peer may have cleared our bit or the reactor's flag in the shared
+                // page. Announce again there, and to the acceptor through our lock file's attributes (its inotify
+                // watch does not depend on the page). Either costs the engine one read of our lock file if it
+                // had seen us already.
+                engine.page().announce(slot);
+                engine.nudge();
+                if let Err(e) = crate::sys::touch(slot_lock.file()) {
+                    tracing::debug!(slot, error = %e, "touching the slot lock file");
+                }
             }
         }
         let message = receiver.message();
@@ -370,6 +382,9 @@ impl ClientParts {
     }
 }
 
+/// The handshake spins up to this many times `ClientOptions::max_spin` before it sleeps.
+const HANDSHAKE_SPIN_FACTOR: u32 = 4;
+
 /// Busy slots a client tries from the engine page's bitmap before it falls back to scanning every slot.
 const HINT_TRIES: u32 = 16;
 
@@ -380,8 +395,9 @@ fn claim_slot(endpoint: &Endpoint, page: &EnginePage) -> Result<(u32, HeldLock),
         let Some(slot) = page.free_slot_hint() else {
             break;
         };
-        // A wrong bit is repaired either way: taken now by us, or busy (held by someone else).
-        if let Some(lock) = try_slot(endpoint, slot)? {
+        // A wrong bit is repaired either way: taken now by us, or busy (held by someone else). A slot the
+        // bitmap calls free is usually free (and its file gone): no read-only probe first.
+        if let Some(lock) = try_slot(endpoint, slot, false)? {
             page.mark_slot(slot, true);
             return Ok((slot, lock));
         }
@@ -389,7 +405,7 @@ fn claim_slot(endpoint: &Endpoint, page: &EnginePage) -> Result<(u32, HeldLock),
     }
     tracing::debug!("the engine page's slot bitmap had no usable hint; scanning every slot");
     for slot in 0..MAX_SLOTS {
-        if let Some(lock) = try_slot(endpoint, slot)? {
+        if let Some(lock) = try_slot(endpoint, slot, true)? {
             page.mark_slot(slot, true);
             return Ok((slot, lock));
         }
@@ -397,13 +413,19 @@ fn claim_slot(endpoint: &Endpoint, page: &EnginePage) -> Result<(u32, HeldLock),
     Err(TransportError::NoFreeSlot(MAX_SLOTS))
 }
 
-/// Takes `slot`'s lock if nobody holds it.
-fn try_slot(endpoint: &Endpoint, slot: u32) -> Result<Option<HeldLock>, TransportError> {
+/// Takes `slot`'s lock if nobody holds it. With `probe_first`, a busy slot is detected read-only first:
+/// closing a read-write probe would look like a client death to the engine's inotify watch and make it
+/// re-check the slot.
+fn try_slot(
+    endpoint: &Endpoint,
+    slot: u32,
+    probe_first: bool,
+) -> Result<Option<HeldLock>, TransportError> {
     let path = endpoint.slot_lock_path(slot);
-    // Probe busy slots read-only first: closing a read-write probe would look like a client death to the
-    // engine's inotify watch and make it re-check the slot.
-    if let Ok(Some(TryLock::Busy)) = HeldLock::try_acquire_existing(&path) {
-        return Ok(None);
+    if probe_first {
+        if let Ok(Some(TryLock::Busy)) = HeldLock::try_acquire_existing(&path) {
+            return Ok(None);
+        }
     }
     match HeldLock::try_acquire(&path)
         .map_err(|e| TransportError::io(format!("locking {}", path.display()), e))?

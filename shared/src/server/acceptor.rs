@@ -1,4 +1,4 @@
-//! The acceptor thread: inotify on the slots directory reports dead clients; reading a slot's announcement.
+//! The acceptor thread: inotify on the slots directory reports dead clients (and late announcements).
 
 use crate::util::lock;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -15,14 +15,16 @@ use crate::lockfile::{self, HeldLock, TryLock};
 use crate::segment::{Announcement, SlotSegment};
 
 /// Starts watching before anything is scanned, so no death can slip between scan and watch. Announcements are
-/// not watched: a connecting client rings the reactor, which attaches it (see [`open_announcement`]).
+/// not watched (a connecting client rings the reactor, which attaches it: see [`open_announcement`]), except
+/// as a fallback: a client still unanswered after a liveness interval touches its lock file (`IN_ATTRIB`), in
+/// case a peer wiped its hint in the shared engine page.
 pub(super) fn watch_slots(endpoint: &Endpoint) -> Result<Inotify, TransportError> {
     let inotify = Inotify::init().map_err(|e| TransportError::io("initialising inotify", e))?;
     inotify
         .watches()
         .add(
             endpoint.slots_dir(),
-            WatchMask::CLOSE_WRITE | WatchMask::DELETE,
+            WatchMask::CLOSE_WRITE | WatchMask::DELETE | WatchMask::ATTRIB,
         )
         .map_err(|e| {
             TransportError::io(format!("watching {}", endpoint.slots_dir().display()), e)
@@ -101,6 +103,9 @@ pub(super) fn run(shared: &Shared, mut inotify: Inotify, wake: &OwnedFd) {
             {
                 rechecks.schedule(slot);
             }
+            if mask.contains(EventMask::ATTRIB) {
+                check_announcement(shared, slot);
+            }
         }
     }
 }
@@ -125,7 +130,8 @@ fn rescan(shared: &Shared) {
     }
 }
 
-/// A slot found with an announcement at start-up or after an inotify overflow: hand it to the reactor.
+/// A slot found with an announcement at start-up, after an inotify overflow, or touched by a client the reactor
+/// did not answer: hand it to the reactor.
 fn check_announcement(shared: &Shared, slot: u32) {
     let opened = open_announcement(shared, slot);
     if opened.replaces.is_none() && opened.segment.is_none() {

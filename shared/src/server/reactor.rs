@@ -62,13 +62,19 @@ pub(super) fn run(shared: &Shared) {
             }
         }
         if !progressed {
+            // `ready` looks at every connection: with many, read the clock after each look, or the spin
+            // would overrun its budget many times over (each look reads every connection's ring indices).
+            let checks_per_clock = (64 / slots.len().max(1)).max(1) as u32;
             doorbell::wait_forever_armed(
                 shared.page.bell(),
                 &mut spin,
+                checks_per_clock,
                 || {
                     for slot in &slots {
                         slot.connection.segment.arm_server_wakeup();
                     }
+                    // For connecting clients (`EngineLink::announce`).
+                    shared.page.bell().set_armed();
                 },
                 || {
                     shared.stop.load(Ordering::Relaxed)
@@ -77,6 +83,7 @@ pub(super) fn run(shared: &Shared) {
                         || slots.iter().any(ready)
                 },
             );
+            shared.page.bell().disarm();
         }
     }
 }
