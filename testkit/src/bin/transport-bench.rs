@@ -1,7 +1,8 @@
 //! Side-by-side transport benchmark: shm-ring round trip vs a busy-poll floor, Unix sockets and Node.js IPC.
 //!
 //! One invocation spawns its own peers (this executable with a hidden `__child <role>` argument) and prints a
-//! table, or with `--json` one JSON object. Flags: `--json`, `--quick` (smoke-test sizes), `--skip-node`.
+//! table, or with `--json` one JSON object. Flags: `--json`, `--quick` (smoke-test sizes), `--skip-node`,
+//! `--only <phase>` (`connect`: only the 1000 sequential connects of the transport phase).
 //! Progress goes to stderr. Every child is killed and reaped and every shared-memory name is checked gone on
 //! every exit path.
 
@@ -221,7 +222,7 @@ fn parent_main(args: &[String]) -> Res<()> {
             "-h" | "--help" => {
                 println!(
                     "usage: transport-bench [--json] [--quick] [--skip-node] \
-                     [--only transport|throughput|floor|uds|node]"
+                     [--only transport|connect|throughput|floor|uds|node]"
                 );
                 return Ok(());
             }
@@ -235,16 +236,19 @@ fn parent_main(args: &[String]) -> Res<()> {
     report.str("mode", if quick { "quick" } else { "full" });
     report.num("nproc", available_cpus() as f64);
     report.str("load_avg_start", load_average());
+    report.str("rendezvous_dir", describe_dir(&workspace.path));
 
     let run = |phase: &str| only.as_deref().is_none_or(|o| o == phase);
     if let Some(phase) = &only {
-        if !["transport", "throughput", "floor", "uds", "node"].contains(&phase.as_str()) {
+        if !["transport", "connect", "throughput", "floor", "uds", "node"].contains(&phase.as_str())
+        {
             return Err(format!("unknown phase {phase:?} for --only").into());
         }
         report.str("only", phase.clone());
     }
-    if run("transport") {
-        bench_transport(&workspace, sizes, &mut report)?;
+    if run("transport") || run("connect") {
+        let connect_only = only.as_deref() == Some("connect");
+        bench_transport(&workspace, sizes, connect_only, &mut report)?;
     }
     if run("throughput") {
         bench_throughput(&workspace, sizes, &mut report)?;
@@ -418,14 +422,20 @@ fn client_options(ring: usize) -> ClientOptions {
 }
 
 /// Round trips, idle CPU, RSS and connection set-up against a scripted server in a second process.
-fn bench_transport(dir: &BenchDir, sizes: Sizes, report: &mut Report) -> Res<()> {
+/// With `connect_only`, only the sequential connects (and the disconnect that follows).
+fn bench_transport(
+    dir: &BenchDir,
+    sizes: Sizes,
+    connect_only: bool,
+    report: &mut Report,
+) -> Res<()> {
     let name = format!("bench-{}", std::process::id());
     let endpoint = Endpoint::in_root(&name, &dir.path)?;
     let prefix = endpoint.shm_prefix();
     let root = dir.path.to_str().ok_or("temp dir is not UTF-8")?;
     let mut server = Peer::spawn("scripted server", &["serve", root, &name])?;
     server.expect_prefix("ready")?;
-    let result = transport_phases(&endpoint, &mut server, sizes, report);
+    let result = transport_phases(&endpoint, &mut server, sizes, connect_only, report);
     let finished = server.finish(Duration::from_secs(10));
     result?;
     finished?;
@@ -444,6 +454,7 @@ fn transport_phases(
     endpoint: &Endpoint,
     server: &mut Peer,
     sizes: Sizes,
+    connect_only: bool,
     report: &mut Report,
 ) -> Res<()> {
     let pid = server.pid();
@@ -451,7 +462,22 @@ fn transport_phases(
     if !shm_leftovers(&endpoint.shm_prefix()).is_empty() {
         return Err("slot segment name still present after the handshake".into());
     }
+    if !connect_only {
+        round_trip_and_idle_phases(endpoint, &mut client, pid, sizes, report)?;
+    }
+    connect_phase(endpoint, &mut client, pid, sizes, report)?;
+    client.close();
+    Ok(())
+}
 
+/// Round trips, then the server's and this process's idle CPU and RSS.
+fn round_trip_and_idle_phases(
+    endpoint: &Endpoint,
+    client: &mut Client,
+    pid: u32,
+    sizes: Sizes,
+    report: &mut Report,
+) -> Res<()> {
     progress("transport round trip (64 B ping/pong, blocking client, server in a second process)");
     let mut ping = Ping {
         nonce: 0,
@@ -534,7 +560,17 @@ fn transport_phases(
     );
     report.num("client_idle_seconds", wall);
     drop(idle_clients);
+    Ok(())
+}
 
+/// 1000 sequential connects (first and last tenth), the server's RSS with them, then closing them all.
+fn connect_phase(
+    endpoint: &Endpoint,
+    client: &mut Client,
+    pid: u32,
+    sizes: Sizes,
+    report: &mut Report,
+) -> Res<()> {
     progress(&format!(
         "connecting {} clients sequentially (16 KiB rings)",
         sizes.connect_clients
@@ -564,7 +600,7 @@ fn transport_phases(
     );
     report.num("connect_clients", sizes.connect_clients as f64);
     report.num("connect_1000_ms", connect_ms);
-    let connected = status_connections(&mut client)?;
+    let connected = status_connections(client)?;
     if connected as usize != sizes.connect_clients + 1 {
         return Err(format!(
             "server reports {connected} connections, expected {}",
@@ -581,14 +617,13 @@ fn transport_phases(
     let started = Instant::now();
     drop(clients);
     let deadline = Instant::now() + T;
-    while status_connections(&mut client)? != 1 {
+    while status_connections(client)? != 1 {
         if Instant::now() >= deadline {
             return Err("the server did not notice the closed clients".into());
         }
         std::thread::sleep(Duration::from_millis(1));
     }
     report.num("disconnect_1000_ms", started.elapsed().as_secs_f64() * 1e3);
-    client.close();
     Ok(())
 }
 
@@ -1366,10 +1401,11 @@ fn render_table(r: &Report) -> String {
     }
     let _ = writeln!(
         t,
-        "Machine: {} CPUs, load average at start {} / end {}",
+        "Machine: {} CPUs, load average at start {} / end {}; rendezvous directory {}",
         g("nproc").unwrap_or(0.0),
         r.get_str("load_avg_start").unwrap_or("?"),
-        r.get_str("load_avg_end").unwrap_or("?")
+        r.get_str("load_avg_end").unwrap_or("?"),
+        r.get_str("rendezvous_dir").unwrap_or("?")
     );
     t
 }
@@ -1468,6 +1504,27 @@ fn clock_ticks_per_sec() -> f64 {
 
 fn available_cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// `path (filesystem)`: slot lock files are created there, one per connection, so the file system shows in the
+/// connect figures (see docs/BENCHMARKS.md).
+fn describe_dir(path: &Path) -> String {
+    let fs = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .ok()
+        .and_then(|c| {
+            let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
+            // SAFETY: a NUL-terminated path and a valid out-pointer; read only after success.
+            (unsafe { libc::statfs(c.as_ptr(), st.as_mut_ptr()) } == 0)
+                .then(|| unsafe { st.assume_init() }.f_type)
+        })
+        .map_or("unknown file system".to_owned(), |magic| match magic {
+            0x0102_1994 => "tmpfs".to_owned(),
+            0xEF53 => "ext4".to_owned(),
+            0x5846_5342 => "xfs".to_owned(),
+            0x9123_683E => "btrfs".to_owned(),
+            other => format!("file system magic {other:#x}"),
+        });
+    format!("{} ({fs})", path.display())
 }
 
 fn load_average() -> String {
