@@ -4,6 +4,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -299,8 +300,13 @@ impl ClientParts {
         let deadline = Instant::now() + options.connect_timeout;
         // The answer takes the engine's verification (about a dozen syscalls) plus, when its reactor sleeps, a
         // wake-up (tens of microseconds on a VM): a spin of `max_spin` would often end just before it and add a
-        // sleep and a wake-up of our own. Connects are rare, so this one spin may last longer.
-        let mut spin = SpinPolicy::new(options.max_spin * HANDSHAKE_SPIN_FACTOR);
+        // sleep and a wake-up of our own. So the handshake may spin longer, with a budget this process's earlier
+        // handshakes adapted: when the reactor can only run once we stop spinning (one free CPU), the spins fail
+        // and the budget shrinks instead of delaying every connect by the longest spin.
+        let max_spin = options.max_spin * HANDSHAKE_SPIN_FACTOR;
+        let learnt = Duration::from_nanos(HANDSHAKE_SPIN_NANOS.load(Ordering::Relaxed));
+        let mut spin =
+            SpinPolicy::resume(max_spin, if learnt.is_zero() { max_spin } else { learnt });
         loop {
             match receiver.poll()? {
                 Received::Message => break,
@@ -327,6 +333,7 @@ impl ClientParts {
                 }
             }
         }
+        HANDSHAKE_SPIN_NANOS.store(spin.budget().as_nanos().max(1) as u64, Ordering::Relaxed);
         let message = receiver.message();
         let info = match message.message_type() {
             Some(MessageType::HelloAck) => {
@@ -384,6 +391,9 @@ impl ClientParts {
 
 /// The handshake spins up to this many times `ClientOptions::max_spin` before it sleeps.
 const HANDSHAKE_SPIN_FACTOR: u32 = 4;
+
+/// The handshake spin budget this process's last handshake left (0: none yet). See `ClientParts::handshake`.
+static HANDSHAKE_SPIN_NANOS: AtomicU64 = AtomicU64::new(0);
 
 /// Busy slots a client tries from the engine page's bitmap before it falls back to scanning every slot.
 const HINT_TRIES: u32 = 16;

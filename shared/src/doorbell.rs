@@ -91,6 +91,19 @@ impl SpinPolicy {
         Self { budget: max, max }
     }
 
+    /// The current budget (what the next spin may take).
+    pub fn budget(&self) -> Duration {
+        self.budget
+    }
+
+    /// A policy with `max` that starts from `budget` (clamped to it) instead of from `max`: carries what
+    /// earlier waits of the same kind learnt.
+    pub fn resume(max: Duration, budget: Duration) -> Self {
+        let mut policy = Self::new(max);
+        policy.budget = budget.min(policy.max);
+        policy
+    }
+
     pub fn default_budget() -> Self {
         Self::new(Duration::from_micros(50))
     }
