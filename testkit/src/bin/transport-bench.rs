@@ -571,6 +571,37 @@ fn connect_phase(
     sizes: Sizes,
     report: &mut Report,
 ) -> Res<()> {
+    let files = endpoint.root().join(format!("{}-files", endpoint.name()));
+    let result = connect_and_close(endpoint, client, pid, sizes, &files, report);
+    let _ = std::fs::remove_dir_all(&files);
+    result
+}
+
+/// Milliseconds to create `count` empty 0600 files in a new directory `dir` (left in place for the caller).
+fn time_file_creation(dir: &Path, count: usize) -> Res<f64> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::create_dir(dir)?;
+    let started = Instant::now();
+    for n in 0..count {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(dir.join(format!("{n}.lock")))?;
+    }
+    Ok(started.elapsed().as_secs_f64() * 1e3)
+}
+
+/// The connects, then (all still connected) the file system's share, then closing them all. `files` is a
+/// scratch directory the caller removes.
+fn connect_and_close(
+    endpoint: &Endpoint,
+    client: &mut Client,
+    pid: u32,
+    sizes: Sizes,
+    files: &Path,
+    report: &mut Report,
+) -> Res<()> {
     progress(&format!(
         "connecting {} clients sequentially (16 KiB rings)",
         sizes.connect_clients
@@ -613,6 +644,12 @@ fn connect_phase(
     report.num("rss_1000_kib", rss.vm_rss as f64);
     report.num("rss_anon_1000_kib", rss.anon as f64);
     report.num("rss_shmem_1000_kib", rss.shmem as f64);
+    // Each connect created one slot lock file; creating as many empty files in the same file system right after
+    // (nothing deleted in between) is the file system's share of the connect figure.
+    report.num(
+        "connect_file_create_ms",
+        time_file_creation(files, sizes.connect_clients)?,
+    );
 
     let started = Instant::now();
     drop(clients);
@@ -1299,6 +1336,10 @@ fn render_table(r: &Report) -> String {
                 num("connect_last_tenth_avg_us", 1.0, "us", 0),
                 num("connect_server_cpu_ms", 1.0, "ms", 0)
             ),
+        ),
+        (
+            "file system share: as many empty files created in the rendezvous file system, right after",
+            num("connect_file_create_ms", 1.0, "ms", 1),
         ),
         (
             "close them all until the server saw it",
