@@ -384,8 +384,9 @@ struct EngineControl {
     announce_sequence: CacheLine<AtomicU32>,
     /// One bit per slot whose client announced a segment the reactor has not looked at yet. A hint only: the
     /// slot's lock file says which segment, and the segment is verified as from any other source. A bit a peer
-    /// clears costs the announcing client one liveness interval (it announces again); a bit a peer sets costs
-    /// the reactor one read of that slot's lock file.
+    /// clears costs the announcing client one liveness interval (it then announces again and touches its lock
+    /// file, which the acceptor's inotify watch sees); a bit a peer sets costs the reactor one read of that
+    /// slot's lock file.
     announced: [AtomicU64; SLOT_WORDS],
 }
 
