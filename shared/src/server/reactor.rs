@@ -44,7 +44,11 @@ pub(super) fn run(shared: &Shared) {
         let announcements = shared.page.announce_sequence();
         if announcements != announcements_seen {
             announcements_seen = announcements;
-            attach_announced(shared, &mut slots);
+            if attach_announced(shared, &mut slots) {
+                // Connects come in bursts (an editor starting several windows, a reconnect after an engine
+                // restart): spin the full budget for the next one, however the budget had shrunk.
+                spin = SpinPolicy::new(shared.options.max_spin);
+            }
         }
         let mut progressed = false;
         let mut index = 0;
@@ -109,7 +113,9 @@ fn take_inbox(shared: &Shared, slots: &mut Vec<Slot>) {
     for event in inbox.events {
         match event {
             InboxEvent::Detach { slot, generation } => detach(shared, slots, slot, generation),
-            InboxEvent::Attach(attach) => attach_and_answer(shared, slots, attach),
+            InboxEvent::Attach(attach) => {
+                attach_and_answer(shared, slots, attach);
+            }
         }
     }
 }
@@ -127,7 +133,9 @@ fn detach(shared: &Shared, slots: &mut Vec<Slot>, slot: u32, generation: u64) {
 
 /// Attaches the slots whose clients rang after announcing (the engine page's hint bits): reads each
 /// announcement, verifies and maps the segment here on the reactor thread, and answers its hello at once.
-fn attach_announced(shared: &Shared, slots: &mut Vec<Slot>) {
+/// Returns true if it attached a connection.
+fn attach_announced(shared: &Shared, slots: &mut Vec<Slot>) -> bool {
+    let mut attached = false;
     shared.page.take_announced(|slot| {
         let opened = super::acceptor::open_announcement(shared, slot);
         if let Some(generation) = opened.replaces {
@@ -135,20 +143,28 @@ fn attach_announced(shared: &Shared, slots: &mut Vec<Slot>) {
             detach(shared, slots, slot, generation);
         }
         if let Some(segment) = opened.segment {
-            attach_and_answer(shared, slots, Attach { slot, segment });
+            attached |= attach_and_answer(shared, slots, Attach { slot, segment });
         }
     });
+    attached
 }
 
 /// Attaches a segment and serves it once right away, so its hello is answered before a pass over every other
 /// connection.
-fn attach_and_answer(shared: &Shared, slots: &mut Vec<Slot>, attach: Attach) {
+/// Returns true if the connection stays open.
+fn attach_and_answer(shared: &Shared, slots: &mut Vec<Slot>, attach: Attach) -> bool {
     let Some(mut slot) = attach_slot(shared, attach) else {
-        return;
+        return false;
     };
     match service(shared, &mut slot) {
-        Ok(_) => slots.push(slot),
-        Err(reason) => close(shared, slot, reason),
+        Ok(_) => {
+            slots.push(slot);
+            true
+        }
+        Err(reason) => {
+            close(shared, slot, reason);
+            false
+        }
     }
 }
 
