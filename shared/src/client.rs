@@ -4,6 +4,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -176,6 +177,14 @@ impl EngineLink {
         segment.wake_server(self.page());
     }
 
+    /// Tells the reactor that `slot`'s announcement is in its lock file, and wakes it if it sleeps (no
+    /// syscall while it is awake or spinning). A wake-up lost to a peer that cleared the shared flag is
+    /// repaired by the handshake's liveness tick, which announces again and rings unconditionally.
+    pub(crate) fn announce(&self, slot: u32) {
+        self.page().announce(slot);
+        self.page().bell().ring();
+    }
+
     /// Wakes the reactor unconditionally (one syscall). A client that waited a whole liveness interval for the
     /// engine does this, so a wake-up lost to a peer that scribbled on the shared page costs at most one
     /// interval, never a stall.
@@ -213,7 +222,8 @@ pub(crate) struct ClientParts {
 
 impl ClientParts {
     fn connect(endpoint: &Endpoint, options: ClientOptions) -> Result<Self, TransportError> {
-        endpoint.ensure_dirs()?;
+        // The engine created the directories; a client only checks them (no mkdir per connect).
+        endpoint.verify_dirs()?;
         let engine = EngineLink::open(endpoint)?;
         let (slot, slot_lock) = claim_slot(endpoint, engine.page())?;
         let segment = match SlotSegment::create(
@@ -263,7 +273,7 @@ impl ClientParts {
             client_to_server_ring_bytes: options.client_to_server_ring_bytes as u32,
             server_to_client_ring_bytes: options.server_to_client_ring_bytes as u32,
             generation: segment.generation(),
-            client_pid: std::process::id(),
+            client_pid: segment.client_pid(),
             client_name: options.client_name.clone(),
         };
         let bytes = crate::protocol::encode(&hello)?;
@@ -273,21 +283,30 @@ impl ClientParts {
                 "hello does not fit the ring".into(),
             ));
         }
-        // Announce the segment: the engine's inotify watch sees this write, opens our memfd through /proc and
-        // attaches.
+        // Announce the segment in the slot's lock file, then ring the reactor, which opens our memfd through
+        // /proc, verifies and attaches it, and answers the hello.
         let memfd = segment
             .memfd_number()
             .ok_or_else(|| TransportError::Protocol("a client segment without its memfd".into()))?;
         let announcement =
-            crate::segment::Announcement::new(segment.generation(), std::process::id(), memfd);
+            crate::segment::Announcement::new(segment.generation(), segment.client_pid(), memfd);
         slot_lock
             .file()
             .write_all_at(&announcement.encode(), 0)
             .map_err(|e| TransportError::io("announcing the slot", e))?;
+        engine.announce(slot);
         tracing::debug!(slot, memfd, "slot announced, waiting for hello-ack");
 
         let deadline = Instant::now() + options.connect_timeout;
-        let mut spin = SpinPolicy::new(options.max_spin);
+        // The answer takes the engine's verification (about a dozen syscalls) plus, when its reactor sleeps, a
+        // wake-up (tens of microseconds on a VM): a spin of `max_spin` would often end just before it and add a
+        // sleep and a wake-up of our own. So the handshake may spin longer, with a budget this process's earlier
+        // handshakes adapted: when the reactor can only run once we stop spinning (one free CPU), the spins fail
+        // and the budget shrinks instead of delaying every connect by the longest spin.
+        let max_spin = options.max_spin * HANDSHAKE_SPIN_FACTOR;
+        let learnt = Duration::from_nanos(HANDSHAKE_SPIN_NANOS.load(Ordering::Relaxed));
+        let mut spin =
+            SpinPolicy::resume(max_spin, if learnt.is_zero() { max_spin } else { learnt });
         loop {
             match receiver.poll()? {
                 Received::Message => break,
@@ -302,7 +321,19 @@ impl ClientParts {
                 "waiting for the engine's hello-ack",
                 || receiver.has_data(),
             )?;
+            if !receiver.has_data() {
+                // Slept without an answer: a peer may have cleared our bit or the reactor's flag in the shared
+                // page. Announce again there, and to the acceptor through our lock file's attributes (its inotify
+                // watch does not depend on the page). Either costs the engine one read of our lock file if it
+                // had seen us already.
+                engine.page().announce(slot);
+                engine.nudge();
+                if let Err(e) = crate::sys::touch(slot_lock.file()) {
+                    tracing::debug!(slot, error = %e, "touching the slot lock file");
+                }
+            }
         }
+        HANDSHAKE_SPIN_NANOS.store(spin.budget().as_nanos().max(1) as u64, Ordering::Relaxed);
         let message = receiver.message();
         let info = match message.message_type() {
             Some(MessageType::HelloAck) => {
@@ -358,6 +389,12 @@ impl ClientParts {
     }
 }
 
+/// The handshake spins up to this many times `ClientOptions::max_spin` before it sleeps.
+const HANDSHAKE_SPIN_FACTOR: u32 = 4;
+
+/// The handshake spin budget this process's last handshake left (0: none yet). See `ClientParts::handshake`.
+static HANDSHAKE_SPIN_NANOS: AtomicU64 = AtomicU64::new(0);
+
 /// Busy slots a client tries from the engine page's bitmap before it falls back to scanning every slot.
 const HINT_TRIES: u32 = 16;
 
@@ -368,8 +405,9 @@ fn claim_slot(endpoint: &Endpoint, page: &EnginePage) -> Result<(u32, HeldLock),
         let Some(slot) = page.free_slot_hint() else {
             break;
         };
-        // A wrong bit is repaired either way: taken now by us, or busy (held by someone else).
-        if let Some(lock) = try_slot(endpoint, slot)? {
+        // A wrong bit is repaired either way: taken now by us, or busy (held by someone else). A slot the
+        // bitmap calls free is usually free (and its file gone): no read-only probe first.
+        if let Some(lock) = try_slot(endpoint, slot, false)? {
             page.mark_slot(slot, true);
             return Ok((slot, lock));
         }
@@ -377,7 +415,7 @@ fn claim_slot(endpoint: &Endpoint, page: &EnginePage) -> Result<(u32, HeldLock),
     }
     tracing::debug!("the engine page's slot bitmap had no usable hint; scanning every slot");
     for slot in 0..MAX_SLOTS {
-        if let Some(lock) = try_slot(endpoint, slot)? {
+        if let Some(lock) = try_slot(endpoint, slot, true)? {
             page.mark_slot(slot, true);
             return Ok((slot, lock));
         }
@@ -385,13 +423,19 @@ fn claim_slot(endpoint: &Endpoint, page: &EnginePage) -> Result<(u32, HeldLock),
     Err(TransportError::NoFreeSlot(MAX_SLOTS))
 }
 
-/// Takes `slot`'s lock if nobody holds it.
-fn try_slot(endpoint: &Endpoint, slot: u32) -> Result<Option<HeldLock>, TransportError> {
+/// Takes `slot`'s lock if nobody holds it. With `probe_first`, a busy slot is detected read-only first:
+/// closing a read-write probe would look like a client death to the engine's inotify watch and make it
+/// re-check the slot.
+fn try_slot(
+    endpoint: &Endpoint,
+    slot: u32,
+    probe_first: bool,
+) -> Result<Option<HeldLock>, TransportError> {
     let path = endpoint.slot_lock_path(slot);
-    // Probe busy slots read-only first: closing a read-write probe would look like a client death to the
-    // engine's inotify watch and make it re-check the slot.
-    if let Ok(Some(TryLock::Busy)) = HeldLock::try_acquire_existing(&path) {
-        return Ok(None);
+    if probe_first {
+        if let Ok(Some(TryLock::Busy)) = HeldLock::try_acquire_existing(&path) {
+            return Ok(None);
+        }
     }
     match HeldLock::try_acquire(&path)
         .map_err(|e| TransportError::io(format!("locking {}", path.display()), e))?

@@ -38,6 +38,21 @@ impl Doorbell {
         seen
     }
 
+    /// Arms the bell without sleeping yet (the reactor, just before its final re-check: see
+    /// [`wait_forever_armed`]). Writes only when it changes, so a spinning sleeper leaves the line shared.
+    pub fn set_armed(&self) {
+        if self.armed.0.load(Ordering::Relaxed) != 1 {
+            self.armed.0.store(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Disarms the bell after a wake-up nobody announced on it, so later notifiers skip the syscall.
+    pub fn disarm(&self) {
+        if self.armed.0.load(Ordering::Relaxed) != 0 {
+            self.armed.0.store(0, Ordering::Relaxed);
+        }
+    }
+
     /// Rings unconditionally (used for out-of-band events such as shutdown).
     pub fn ring_always(&self) {
         self.sequence.0.fetch_add(1, Ordering::Release);
@@ -76,6 +91,19 @@ impl SpinPolicy {
         Self { budget: max, max }
     }
 
+    /// The current budget (what the next spin may take).
+    pub fn budget(&self) -> Duration {
+        self.budget
+    }
+
+    /// A policy with `max` that starts from `budget` (clamped to it) instead of from `max`: carries what
+    /// earlier waits of the same kind learnt.
+    pub fn resume(max: Duration, budget: Duration) -> Self {
+        let mut policy = Self::new(max);
+        policy.budget = budget.min(policy.max);
+        policy
+    }
+
     pub fn default_budget() -> Self {
         Self::new(Duration::from_micros(50))
     }
@@ -88,14 +116,25 @@ impl SpinPolicy {
         self.budget = (self.budget / 2).max(Self::MIN.min(self.max));
     }
 
-    /// Spins until `ready()` or the budget runs out. Returns true if ready.
-    pub fn spin(&mut self, mut ready: impl FnMut() -> bool) -> bool {
+    /// Spins until `ready()` or the budget runs out. Returns true if ready. The clock is read every 64 checks:
+    /// for a cheap `ready` (one ring's index).
+    pub fn spin(&mut self, ready: impl FnMut() -> bool) -> bool {
+        self.spin_checking_clock_every(64, ready)
+    }
+
+    /// As [`SpinPolicy::spin`], reading the clock every `checks` calls of `ready`: fewer for a `ready` whose
+    /// cost grows with the number of connections (the reactor's), so the budget holds however many there are.
+    pub fn spin_checking_clock_every(
+        &mut self,
+        checks: u32,
+        mut ready: impl FnMut() -> bool,
+    ) -> bool {
         if self.budget.is_zero() {
             return ready();
         }
         let start = Instant::now();
         loop {
-            for _ in 0..64 {
+            for _ in 0..checks.max(1) {
                 if ready() {
                     self.spin_succeeded();
                     return true;
@@ -134,16 +173,22 @@ pub fn wait_on(
 }
 
 /// Sleeps on `bell` with no timeout until `ready()` (the server reactor, so an idle server uses no CPU).
-/// `arm` announces the sleep where the wakers look: the reactor arms a flag in every client's slot instead of
-/// the shared `armed` word, so no client can keep it asleep by clearing a flag the others depend on. A waker
-/// that finds its flag armed clears it and calls [`Doorbell::ring_always`].
+/// `arm` announces the sleep where the wakers look: the reactor arms a flag in every client's slot, so no
+/// connected client can keep it asleep by clearing a flag the others depend on. A waker that finds its flag
+/// armed clears it and calls [`Doorbell::ring_always`]. The shared `armed` word of the engine page is armed as
+/// well, for clients that are still connecting (they have no slot mapped by the engine yet): one that a peer
+/// cleared costs a connecting client one liveness interval, after which it rings unconditionally.
+///
+/// `checks_per_clock`: calls of `ready` between two clock reads while spinning (see
+/// [`SpinPolicy::spin_checking_clock_every`]).
 pub fn wait_forever_armed(
     bell: &Doorbell,
     spin: &mut SpinPolicy,
+    checks_per_clock: u32,
     mut arm: impl FnMut(),
     mut ready: impl FnMut() -> bool,
 ) {
-    if spin.spin(&mut ready) {
+    if spin.spin_checking_clock_every(checks_per_clock, &mut ready) {
         return;
     }
     loop {

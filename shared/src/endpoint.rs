@@ -88,6 +88,28 @@ impl Endpoint {
         ensure_private_dir(&self.dir)?;
         ensure_private_dir(&self.slots_dir())
     }
+
+    /// Client side: checks the rendezvous directories as [`Endpoint::ensure_dirs`] does, without creating any.
+    /// A missing one means that no engine serves this endpoint.
+    pub fn verify_dirs(&self) -> Result<(), TransportError> {
+        let uid = sys::current_uid();
+        let root = self.dir.parent().into_iter().map(Path::to_path_buf);
+        for dir in root.chain([self.dir.clone(), self.slots_dir()]) {
+            match fs::symlink_metadata(&dir) {
+                Ok(meta) => check_private_dir(&dir, &meta, uid)?,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    return Err(TransportError::NoServer(self.name.clone()))
+                }
+                Err(e) => {
+                    return Err(TransportError::io(
+                        format!("inspecting {}", dir.display()),
+                        e,
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 fn validate_name(name: &str) -> Result<(), TransportError> {
@@ -121,7 +143,11 @@ pub fn ensure_private_dir(dir: &Path) -> Result<(), TransportError> {
     }
     let meta = fs::symlink_metadata(dir)
         .map_err(|e| TransportError::io(format!("inspecting {}", dir.display()), e))?;
-    let uid = sys::current_uid();
+    check_private_dir(dir, &meta, sys::current_uid())
+}
+
+/// Refuses `dir` unless `meta` (from lstat) shows a real directory owned by `uid` with no group/other bits.
+fn check_private_dir(dir: &Path, meta: &fs::Metadata, uid: u32) -> Result<(), TransportError> {
     if !meta.file_type().is_dir() {
         return Err(TransportError::UnsafeRendezvous(format!(
             "{} is not a directory (symlinks are refused)",
@@ -155,6 +181,21 @@ mod tests {
         assert!(Endpoint::in_root("", Path::new("/tmp")).is_err());
         assert!(Endpoint::in_root("a/b", Path::new("/tmp")).is_err());
         assert!(Endpoint::in_root("test_1.x", Path::new("/tmp/r")).is_ok());
+    }
+
+    #[test]
+    fn verify_dirs_creates_nothing_and_checks_what_exists() {
+        let root = tempfile::tempdir().unwrap();
+        fs::set_permissions(root.path(), fs::Permissions::from_mode(0o700)).unwrap();
+        let endpoint = Endpoint::in_root("verify", root.path()).unwrap();
+        let err = endpoint.verify_dirs().unwrap_err();
+        assert!(matches!(err, TransportError::NoServer(_)), "{err}");
+        assert!(!endpoint.dir().exists(), "verify_dirs created a directory");
+        endpoint.ensure_dirs().unwrap();
+        endpoint.verify_dirs().unwrap();
+        fs::set_permissions(endpoint.slots_dir(), fs::Permissions::from_mode(0o750)).unwrap();
+        let err = endpoint.verify_dirs().unwrap_err().to_string();
+        assert!(err.contains("750"), "{err}");
     }
 
     #[test]

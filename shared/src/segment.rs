@@ -379,6 +379,15 @@ struct EngineControl {
     /// bit first instead of probing every slot. A hint only: the slot's flock decides, a wrong bit costs a
     /// probe, and a bitmap with no clear bit sends the client to a full scan.
     slots_taken: [AtomicU64; SLOT_WORDS],
+    /// Bumped by a client after it announced its slot (and set its bit below), before it rings the bell: the
+    /// reactor then attaches the slot itself, with no hop through the acceptor thread.
+    announce_sequence: CacheLine<AtomicU32>,
+    /// One bit per slot whose client announced a segment the reactor has not looked at yet. A hint only: the
+    /// slot's lock file says which segment, and the segment is verified as from any other source. A bit a peer
+    /// clears costs the announcing client one liveness interval (it then announces again and touches its lock
+    /// file, which the acceptor's inotify watch sees); a bit a peer sets costs the reactor one read of that
+    /// slot's lock file.
+    announced: [AtomicU64; SLOT_WORDS],
 }
 
 const _: () = assert!(size_of::<EngineControl>() <= PAGE);
@@ -394,9 +403,18 @@ impl EnginePage {
         let page = Self { mapping };
         page.bell().armed.0.store(0, Ordering::SeqCst);
         page.control().incarnation.0.store(0, Ordering::SeqCst);
-        for word in &page.control().slots_taken {
+        for word in page
+            .control()
+            .slots_taken
+            .iter()
+            .chain(&page.control().announced)
+        {
             word.store(0, Ordering::Relaxed);
         }
+        page.control()
+            .announce_sequence
+            .0
+            .store(0, Ordering::SeqCst);
         Ok(page)
     }
 
@@ -460,6 +478,36 @@ impl EnginePage {
         }
     }
 
+    /// Client side, after its announcement is in the slot's lock file: tells the reactor to look at `slot`. The
+    /// caller then rings the engine's bell. Out-of-range slots are ignored.
+    pub fn announce(&self, slot: u32) {
+        let control = self.control();
+        let Some(word) = control.announced.get(slot as usize / 64) else {
+            return;
+        };
+        word.fetch_or(1u64 << (slot % 64), Ordering::Release);
+        control.announce_sequence.0.fetch_add(1, Ordering::Release);
+    }
+
+    /// Changes whenever a client announced a slot (see [`EnginePage::announce`]).
+    pub fn announce_sequence(&self) -> u32 {
+        self.control().announce_sequence.0.load(Ordering::Acquire)
+    }
+
+    /// Server side: clears every announced bit, calling `f` with each slot that had one (always `< MAX_SLOTS`).
+    pub fn take_announced(&self, mut f: impl FnMut(u32)) {
+        for (index, word) in self.control().announced.iter().enumerate() {
+            if word.load(Ordering::Relaxed) == 0 {
+                continue;
+            }
+            let mut bits = word.swap(0, Ordering::Acquire);
+            while bits != 0 {
+                f(index as u32 * 64 + bits.trailing_zeros());
+                bits &= bits - 1;
+            }
+        }
+    }
+
     /// Test hook: lets a test act as a client that rewrites the shared engine page.
     #[cfg(feature = "test-hooks")]
     pub fn hostile_write(&self, armed: u32, sequence: Option<u32>, slot_words: Option<u64>) {
@@ -472,6 +520,14 @@ impl EnginePage {
             for word in &control.slots_taken {
                 word.store(bits, Ordering::Relaxed);
             }
+        }
+    }
+
+    /// Test hook: a client that overwrites the announced-slot bitmap with `bits` in every word.
+    #[cfg(feature = "test-hooks")]
+    pub fn hostile_write_announced(&self, bits: u64) {
+        for word in &self.control().announced {
+            word.store(bits, Ordering::Relaxed);
         }
     }
 }
@@ -524,6 +580,31 @@ mod tests {
         assert_eq!(page.free_slot_hint(), None);
         page.control().slots_taken[SLOT_WORDS - 1].store(u64::MAX >> 1, Ordering::Relaxed);
         assert_eq!(page.free_slot_hint(), Some(MAX_SLOTS - 1));
+    }
+
+    #[test]
+    fn announced_slots_are_taken_once_and_stay_in_range() {
+        let file = tempfile::tempfile().unwrap();
+        let page = EnginePage::create(&file).unwrap();
+        let before = page.announce_sequence();
+        for slot in [3, 64, 200, MAX_SLOTS - 1, MAX_SLOTS + 7] {
+            page.announce(slot);
+        }
+        assert_ne!(page.announce_sequence(), before);
+        let mut seen = Vec::new();
+        page.take_announced(|slot| seen.push(slot));
+        assert_eq!(seen, [3, 64, 200, MAX_SLOTS - 1]);
+        page.take_announced(|slot| panic!("slot {slot} taken twice"));
+        // A hostile page with every bit set yields every slot once, none out of range.
+        for word in &page.control().announced {
+            word.store(u64::MAX, Ordering::Relaxed);
+        }
+        let mut count = 0;
+        page.take_announced(|slot| {
+            assert!(slot < MAX_SLOTS);
+            count += 1;
+        });
+        assert_eq!(count, MAX_SLOTS);
     }
 
     fn reopen(segment: &SlotSegment, generation: u64) -> Result<SlotSegment, TransportError> {

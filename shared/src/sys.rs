@@ -67,6 +67,19 @@ pub fn size_and_reserve(fd: &OwnedFd, len: usize) -> io::Result<()> {
     Ok(())
 }
 
+/// Sets a file's access and modification times to now (an `IN_ATTRIB` event for inotify watchers).
+pub fn touch(fd: &impl AsRawFd) -> io::Result<()> {
+    let now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: libc::UTIME_NOW,
+    };
+    // SAFETY: a valid fd and a pointer to two timespecs that outlive the call.
+    if unsafe { libc::futimens(fd.as_raw_fd(), [now, now].as_ptr()) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// What `fstat` says about an open file that the transport cares about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FileFacts {
@@ -140,9 +153,11 @@ impl Drop for Mapping {
     }
 }
 
-/// Number of CPUs this process may run on (1 disables spinning).
+/// Number of CPUs this process may run on (1 disables spinning). Read once per process: std's answer costs
+/// about 16 syscalls (the cgroup quota files and the affinity mask), and every new spin policy asks for it.
 pub fn available_cpus() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+    static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 /// 64 random bits (getrandom); falls back to time and pid, which only has to differ between incarnations.

@@ -143,3 +143,52 @@ fn connections_of_one_process_share_one_engine_mapping() {
     server.shutdown();
     ep.assert_clean();
 }
+
+/// Connecting clients tell the reactor about their slot through the shared engine page (a hint bit and the
+/// page's sleep flag). A peer that keeps wiping both must not keep anyone from connecting: after one liveness
+/// interval without an answer, a client announces again and touches its lock file, which the acceptor's inotify
+/// watch sees whatever the page says.
+#[test]
+fn a_peer_that_wipes_announcements_delays_a_connect_by_at_most_a_few_liveness_intervals() {
+    let ep = TestEndpoint::new("announcewipe");
+    let server = Server::bind(&ep.endpoint, ServerOptions::default(), Arc::new(NoApp)).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let hostile = {
+        let (file, page) = map_engine_page(&ep);
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let _file = file;
+            while !stop.load(Ordering::Relaxed) {
+                page.hostile_write_announced(0);
+                page.hostile_write(0, None, None);
+                std::hint::spin_loop();
+            }
+        })
+    };
+    let options = ClientOptions {
+        liveness_interval: Duration::from_millis(20),
+        connect_timeout: Duration::from_secs(5),
+        ..ClientOptions::default()
+    };
+    let started = std::time::Instant::now();
+    let mut clients = Vec::new();
+    for _ in 0..5 {
+        clients.push(
+            Client::connect(&ep.endpoint, options.clone()).expect("connect despite the wiper"),
+        );
+    }
+    let took = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    hostile.join().unwrap();
+    assert!(
+        took < Duration::from_secs(2),
+        "5 connects took {took:?} with the announcements wiped"
+    );
+    for (nonce, client) in clients.iter_mut().enumerate() {
+        ping(client, nonce as u64);
+    }
+    assert_eq!(server.connection_count(), 5);
+    drop(clients);
+    server.shutdown();
+    ep.assert_clean();
+}

@@ -1,4 +1,4 @@
-//! The acceptor thread: inotify on the slots directory announces new clients and dead ones.
+//! The acceptor thread: inotify on the slots directory reports dead clients (and late announcements).
 
 use crate::util::lock;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -11,17 +11,20 @@ use inotify::{EventMask, Inotify, WatchMask};
 use super::{Attach, InboxEvent, Shared};
 use crate::endpoint::Endpoint;
 use crate::error::TransportError;
-use crate::lockfile::{HeldLock, TryLock};
+use crate::lockfile::{self, HeldLock, TryLock};
 use crate::segment::{Announcement, SlotSegment};
 
-/// Starts watching before anything is scanned, so no announcement can slip between scan and watch.
+/// Starts watching before anything is scanned, so no death can slip between scan and watch. Announcements are
+/// not watched (a connecting client rings the reactor, which attaches it: see [`open_announcement`]), except
+/// as a fallback: a client still unanswered after a liveness interval touches its lock file (`IN_ATTRIB`), in
+/// case a peer wiped its hint in the shared engine page.
 pub(super) fn watch_slots(endpoint: &Endpoint) -> Result<Inotify, TransportError> {
     let inotify = Inotify::init().map_err(|e| TransportError::io("initialising inotify", e))?;
     inotify
         .watches()
         .add(
             endpoint.slots_dir(),
-            WatchMask::MODIFY | WatchMask::CLOSE_WRITE | WatchMask::DELETE,
+            WatchMask::CLOSE_WRITE | WatchMask::DELETE | WatchMask::ATTRIB,
         )
         .map_err(|e| {
             TransportError::io(format!("watching {}", endpoint.slots_dir().display()), e)
@@ -93,13 +96,14 @@ pub(super) fn run(shared: &Shared, mut inotify: Inotify, wake: &OwnedFd) {
             continue;
         }
         for (slot, mask) in to_check {
+            // Probed again while held, attached or not: the reactor may attach this slot after this probe (see
+            // `open_announcement`), with a dying client's flock not yet released.
             if mask.intersects(EventMask::CLOSE_WRITE | EventMask::DELETE)
                 && check_death(shared, slot)
-                && lock(&shared.attached).contains_key(&slot)
             {
                 rechecks.schedule(slot);
             }
-            if mask.contains(EventMask::MODIFY) {
+            if mask.contains(EventMask::ATTRIB) {
                 check_announcement(shared, slot);
             }
         }
@@ -126,48 +130,100 @@ fn rescan(shared: &Shared) {
     }
 }
 
-/// A client wrote its generation into its slot file: map its segment and hand it to the reactor.
+/// A slot found with an announcement at start-up, after an inotify overflow, or touched by a client the reactor
+/// did not answer: hand it to the reactor.
 fn check_announcement(shared: &Shared, slot: u32) {
+    let opened = open_announcement(shared, slot);
+    if opened.replaces.is_none() && opened.segment.is_none() {
+        return;
+    }
+    shared.post(|inbox| {
+        if let Some(generation) = opened.replaces {
+            inbox.events.push(InboxEvent::Detach { slot, generation });
+        }
+        if let Some(segment) = opened.segment {
+            inbox
+                .events
+                .push(InboxEvent::Attach(Attach { slot, segment }));
+        }
+    });
+}
+
+/// What [`open_announcement`] found in a slot.
+pub(super) struct Opened {
+    /// The verified, mapped segment of a new client.
+    pub(super) segment: Option<SlotSegment>,
+    /// The generation of the slot's previous holder, now gone (the slot changed hands): detach it.
+    pub(super) replaces: Option<u64>,
+}
+
+/// Reads the announcement in `slot`'s lock file and, unless that generation was seen already, opens and
+/// verifies the segment it names (owner, mode, seals, size: [`SlotSegment::open_announced`]). Called by the
+/// reactor when a client rings it, and by the acceptor when it rescans.
+///
+/// The generation is recorded in `attached` before the client's lock is probed, so its death is never lost:
+/// a death [`check_death`] saw before the record finds the lock free here; one after it sees the record and
+/// reports a detach.
+pub(super) fn open_announcement(shared: &Shared, slot: u32) -> Opened {
+    let nothing = Opened {
+        segment: None,
+        replaces: None,
+    };
     let path = shared.endpoint.slot_lock_path(slot);
     let Ok(file) = std::fs::File::open(&path) else {
-        return;
+        return nothing;
     };
     let mut text = [0u8; Announcement::LEN];
     if !matches!(file.read_at(&mut text, 0), Ok(Announcement::LEN)) {
-        return;
+        return nothing;
     }
     let Some(announcement) = Announcement::parse(&text) else {
-        return;
+        return nothing;
     };
     let generation = announcement.generation;
-    let previous = lock(&shared.attached).get(&slot).copied();
-    if previous == Some(generation) {
-        return;
-    }
-    if let Some(old) = previous {
-        // The slot changed hands: the old holder is gone.
-        shared.post(|inbox| {
-            inbox.events.push(InboxEvent::Detach {
-                slot,
-                generation: old,
-            })
-        });
+    let replaces = {
+        let mut attached = lock(&shared.attached);
+        let previous = attached.get(&slot).copied();
+        if previous == Some(generation) {
+            return nothing;
+        }
+        attached.insert(slot, generation);
+        previous
+    };
+    let forget = || {
+        let mut attached = lock(&shared.attached);
+        if attached.get(&slot) == Some(&generation) {
+            attached.remove(&slot);
+        }
+    };
+    if !lockfile::is_locked_by_other(&file).unwrap_or(false) {
+        // The client released its slot (or died) before we looked.
+        forget();
+        return Opened {
+            segment: None,
+            replaces,
+        };
     }
     match SlotSegment::open_announced(announcement.pid, announcement.memfd, generation) {
-        Ok(segment) => {
-            lock(&shared.attached).insert(slot, generation);
-            shared.post(|inbox| {
-                inbox
-                    .events
-                    .push(InboxEvent::Attach(Attach { slot, segment }))
-            });
-        }
+        Ok(segment) => Opened {
+            segment: Some(segment),
+            replaces,
+        },
         // The client died before we looked: its death is handled by check_death.
         Err(TransportError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            forget();
+            Opened {
+                segment: None,
+                replaces,
+            }
         }
         Err(e) => {
+            // Stays recorded, so the same announcement is not tried again.
             tracing::warn!(slot, error = %e, "refusing a slot segment");
-            lock(&shared.attached).insert(slot, generation);
+            Opened {
+                segment: None,
+                replaces,
+            }
         }
     }
 }
@@ -244,8 +300,7 @@ impl Rechecks {
                 still.push(recheck);
                 continue;
             }
-            let attached = lock(&shared.attached).contains_key(&recheck.slot);
-            if attached && check_death(shared, recheck.slot) && recheck.delay < Self::LAST_DELAY {
+            if check_death(shared, recheck.slot) && recheck.delay < Self::LAST_DELAY {
                 recheck.delay *= 2;
                 recheck.due = now + recheck.delay;
                 still.push(recheck);

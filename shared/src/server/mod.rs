@@ -97,7 +97,8 @@ impl Shared {
         f(&mut inbox);
         drop(inbox);
         self.inbox_ready.store(true, Ordering::SeqCst);
-        // The reactor does not arm the shared page's flag (see `wait_forever_armed`): always wake it.
+        // The shared page's flag is only a hint (any client can clear it; see `wait_forever_armed`): the
+        // acceptor always wakes the reactor.
         self.page.bell().ring_always();
     }
 }

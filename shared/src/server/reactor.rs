@@ -30,6 +30,7 @@ struct Slot {
 pub(super) fn run(shared: &Shared) {
     let mut slots: Vec<Slot> = Vec::new();
     let mut spin = SpinPolicy::new(shared.options.max_spin);
+    let mut announcements_seen = 0;
     loop {
         if shared.stop.load(Ordering::SeqCst) {
             for slot in slots.drain(..) {
@@ -39,6 +40,15 @@ pub(super) fn run(shared: &Shared) {
         }
         if shared.inbox_ready.swap(false, Ordering::SeqCst) {
             take_inbox(shared, &mut slots);
+        }
+        let announcements = shared.page.announce_sequence();
+        if announcements != announcements_seen {
+            announcements_seen = announcements;
+            if attach_announced(shared, &mut slots) {
+                // Connects come in bursts (an editor starting several windows, a reconnect after an engine
+                // restart): spin the full budget for the next one, however the budget had shrunk.
+                spin = SpinPolicy::new(shared.options.max_spin);
+            }
         }
         let mut progressed = false;
         let mut index = 0;
@@ -56,20 +66,28 @@ pub(super) fn run(shared: &Shared) {
             }
         }
         if !progressed {
+            // `ready` looks at every connection: with many, read the clock after each look, or the spin
+            // would overrun its budget many times over (each look reads every connection's ring indices).
+            let checks_per_clock = (64 / slots.len().max(1)).max(1) as u32;
             doorbell::wait_forever_armed(
                 shared.page.bell(),
                 &mut spin,
+                checks_per_clock,
                 || {
                     for slot in &slots {
                         slot.connection.segment.arm_server_wakeup();
                     }
+                    // For connecting clients (`EngineLink::announce`).
+                    shared.page.bell().set_armed();
                 },
                 || {
                     shared.stop.load(Ordering::Relaxed)
                         || shared.inbox_ready.load(Ordering::Relaxed)
+                        || shared.page.announce_sequence() != announcements_seen
                         || slots.iter().any(ready)
                 },
             );
+            shared.page.bell().disarm();
         }
     }
 }
@@ -94,19 +112,58 @@ fn take_inbox(shared: &Shared, slots: &mut Vec<Slot>) {
     let inbox = std::mem::take(&mut *crate::util::lock(&shared.inbox));
     for event in inbox.events {
         match event {
-            InboxEvent::Detach { slot, generation } => {
-                if let Some(index) = slots.iter().position(|s| {
-                    s.connection.slot == slot && s.connection.generation == generation
-                }) {
-                    let gone = slots.swap_remove(index);
-                    close(shared, gone, DisconnectReason::ClientGone);
-                }
-            }
+            InboxEvent::Detach { slot, generation } => detach(shared, slots, slot, generation),
             InboxEvent::Attach(attach) => {
-                if let Some(slot) = attach_slot(shared, attach) {
-                    slots.push(slot);
-                }
+                attach_and_answer(shared, slots, attach);
             }
+        }
+    }
+}
+
+/// Closes the connection of `slot` at `generation` (its client is gone), if it is still open.
+fn detach(shared: &Shared, slots: &mut Vec<Slot>, slot: u32, generation: u64) {
+    if let Some(index) = slots
+        .iter()
+        .position(|s| s.connection.slot == slot && s.connection.generation == generation)
+    {
+        let gone = slots.swap_remove(index);
+        close(shared, gone, DisconnectReason::ClientGone);
+    }
+}
+
+/// Attaches the slots whose clients rang after announcing (the engine page's hint bits): reads each
+/// announcement, verifies and maps the segment here on the reactor thread, and answers its hello at once.
+/// Returns true if it attached a connection.
+fn attach_announced(shared: &Shared, slots: &mut Vec<Slot>) -> bool {
+    let mut attached = false;
+    shared.page.take_announced(|slot| {
+        let opened = super::acceptor::open_announcement(shared, slot);
+        if let Some(generation) = opened.replaces {
+            // The slot changed hands: its previous holder is gone.
+            detach(shared, slots, slot, generation);
+        }
+        if let Some(segment) = opened.segment {
+            attached |= attach_and_answer(shared, slots, Attach { slot, segment });
+        }
+    });
+    attached
+}
+
+/// Attaches a segment and serves it once right away, so its hello is answered before a pass over every other
+/// connection.
+/// Returns true if the connection stays open.
+fn attach_and_answer(shared: &Shared, slots: &mut Vec<Slot>, attach: Attach) -> bool {
+    let Some(mut slot) = attach_slot(shared, attach) else {
+        return false;
+    };
+    match service(shared, &mut slot) {
+        Ok(_) => {
+            slots.push(slot);
+            true
+        }
+        Err(reason) => {
+            close(shared, slot, reason);
+            false
         }
     }
 }

@@ -1,7 +1,8 @@
 //! Side-by-side transport benchmark: shm-ring round trip vs a busy-poll floor, Unix sockets and Node.js IPC.
 //!
 //! One invocation spawns its own peers (this executable with a hidden `__child <role>` argument) and prints a
-//! table, or with `--json` one JSON object. Flags: `--json`, `--quick` (smoke-test sizes), `--skip-node`.
+//! table, or with `--json` one JSON object. Flags: `--json`, `--quick` (smoke-test sizes), `--skip-node`,
+//! `--only <phase>` (`connect`: only the 1000 sequential connects of the transport phase).
 //! Progress goes to stderr. Every child is killed and reaped and every shared-memory name is checked gone on
 //! every exit path.
 
@@ -221,7 +222,7 @@ fn parent_main(args: &[String]) -> Res<()> {
             "-h" | "--help" => {
                 println!(
                     "usage: transport-bench [--json] [--quick] [--skip-node] \
-                     [--only transport|throughput|floor|uds|node]"
+                     [--only transport|connect|throughput|floor|uds|node]"
                 );
                 return Ok(());
             }
@@ -235,16 +236,19 @@ fn parent_main(args: &[String]) -> Res<()> {
     report.str("mode", if quick { "quick" } else { "full" });
     report.num("nproc", available_cpus() as f64);
     report.str("load_avg_start", load_average());
+    report.str("rendezvous_dir", describe_dir(&workspace.path));
 
     let run = |phase: &str| only.as_deref().is_none_or(|o| o == phase);
     if let Some(phase) = &only {
-        if !["transport", "throughput", "floor", "uds", "node"].contains(&phase.as_str()) {
+        if !["transport", "connect", "throughput", "floor", "uds", "node"].contains(&phase.as_str())
+        {
             return Err(format!("unknown phase {phase:?} for --only").into());
         }
         report.str("only", phase.clone());
     }
-    if run("transport") {
-        bench_transport(&workspace, sizes, &mut report)?;
+    if run("transport") || run("connect") {
+        let connect_only = only.as_deref() == Some("connect");
+        bench_transport(&workspace, sizes, connect_only, &mut report)?;
     }
     if run("throughput") {
         bench_throughput(&workspace, sizes, &mut report)?;
@@ -418,14 +422,20 @@ fn client_options(ring: usize) -> ClientOptions {
 }
 
 /// Round trips, idle CPU, RSS and connection set-up against a scripted server in a second process.
-fn bench_transport(dir: &BenchDir, sizes: Sizes, report: &mut Report) -> Res<()> {
+/// With `connect_only`, only the sequential connects (and the disconnect that follows).
+fn bench_transport(
+    dir: &BenchDir,
+    sizes: Sizes,
+    connect_only: bool,
+    report: &mut Report,
+) -> Res<()> {
     let name = format!("bench-{}", std::process::id());
     let endpoint = Endpoint::in_root(&name, &dir.path)?;
     let prefix = endpoint.shm_prefix();
     let root = dir.path.to_str().ok_or("temp dir is not UTF-8")?;
     let mut server = Peer::spawn("scripted server", &["serve", root, &name])?;
     server.expect_prefix("ready")?;
-    let result = transport_phases(&endpoint, &mut server, sizes, report);
+    let result = transport_phases(&endpoint, &mut server, sizes, connect_only, report);
     let finished = server.finish(Duration::from_secs(10));
     result?;
     finished?;
@@ -444,6 +454,7 @@ fn transport_phases(
     endpoint: &Endpoint,
     server: &mut Peer,
     sizes: Sizes,
+    connect_only: bool,
     report: &mut Report,
 ) -> Res<()> {
     let pid = server.pid();
@@ -451,7 +462,22 @@ fn transport_phases(
     if !shm_leftovers(&endpoint.shm_prefix()).is_empty() {
         return Err("slot segment name still present after the handshake".into());
     }
+    if !connect_only {
+        round_trip_and_idle_phases(endpoint, &mut client, pid, sizes, report)?;
+    }
+    connect_phase(endpoint, &mut client, pid, sizes, report)?;
+    client.close();
+    Ok(())
+}
 
+/// Round trips, then the server's and this process's idle CPU and RSS.
+fn round_trip_and_idle_phases(
+    endpoint: &Endpoint,
+    client: &mut Client,
+    pid: u32,
+    sizes: Sizes,
+    report: &mut Report,
+) -> Res<()> {
     progress("transport round trip (64 B ping/pong, blocking client, server in a second process)");
     let mut ping = Ping {
         nonce: 0,
@@ -534,11 +560,53 @@ fn transport_phases(
     );
     report.num("client_idle_seconds", wall);
     drop(idle_clients);
+    Ok(())
+}
 
+/// 1000 sequential connects (first and last tenth), the server's RSS with them, then closing them all.
+fn connect_phase(
+    endpoint: &Endpoint,
+    client: &mut Client,
+    pid: u32,
+    sizes: Sizes,
+    report: &mut Report,
+) -> Res<()> {
+    let files = endpoint.root().join(format!("{}-files", endpoint.name()));
+    let result = connect_and_close(endpoint, client, pid, sizes, &files, report);
+    let _ = std::fs::remove_dir_all(&files);
+    result
+}
+
+/// Milliseconds to create `count` empty 0600 files in a new directory `dir` (left in place for the caller).
+fn time_file_creation(dir: &Path, count: usize) -> Res<f64> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::create_dir(dir)?;
+    let started = Instant::now();
+    for n in 0..count {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(dir.join(format!("{n}.lock")))?;
+    }
+    Ok(started.elapsed().as_secs_f64() * 1e3)
+}
+
+/// The connects, then (all still connected) the file system's share, then closing them all. `files` is a
+/// scratch directory the caller removes.
+fn connect_and_close(
+    endpoint: &Endpoint,
+    client: &mut Client,
+    pid: u32,
+    sizes: Sizes,
+    files: &Path,
+    report: &mut Report,
+) -> Res<()> {
     progress(&format!(
         "connecting {} clients sequentially (16 KiB rings)",
         sizes.connect_clients
     ));
+    warm_up(client, CONNECT_WARM_UP)?;
     let mut clients = Vec::with_capacity(sizes.connect_clients);
     let mut each = Vec::with_capacity(sizes.connect_clients);
     let cpu_before = ProcCpu::read(pid)?;
@@ -564,7 +632,7 @@ fn transport_phases(
     );
     report.num("connect_clients", sizes.connect_clients as f64);
     report.num("connect_1000_ms", connect_ms);
-    let connected = status_connections(&mut client)?;
+    let connected = status_connections(client)?;
     if connected as usize != sizes.connect_clients + 1 {
         return Err(format!(
             "server reports {connected} connections, expected {}",
@@ -577,23 +645,52 @@ fn transport_phases(
     report.num("rss_1000_kib", rss.vm_rss as f64);
     report.num("rss_anon_1000_kib", rss.anon as f64);
     report.num("rss_shmem_1000_kib", rss.shmem as f64);
+    // Each connect created one slot lock file; creating as many empty files in the same file system right after
+    // (nothing deleted in between) is the file system's share of the connect figure.
+    report.num(
+        "connect_file_create_ms",
+        time_file_creation(files, sizes.connect_clients)?,
+    );
 
     let started = Instant::now();
     drop(clients);
     let deadline = Instant::now() + T;
-    while status_connections(&mut client)? != 1 {
+    while status_connections(client)? != 1 {
         if Instant::now() >= deadline {
             return Err("the server did not notice the closed clients".into());
         }
         std::thread::sleep(Duration::from_millis(1));
     }
     report.num("disconnect_1000_ms", started.elapsed().as_secs_f64() * 1e3);
-    client.close();
     Ok(())
 }
 
 /// Async clients left idle while this process's CPU use is measured.
 const IDLE_CLIENTS: usize = 10;
+
+/// Round trips before the connects. The idle measurements before them leave both CPUs idle for seconds, and on
+/// the KVM guest this was measured on, the first ~100 ms of work after that ran about twice as slowly (1000
+/// connects after 6 s idle: 120-187 ms; the next 1000: 68-84 ms). Round trips touch no file, so they leave the
+/// rendezvous file system as it was.
+const CONNECT_WARM_UP: Duration = Duration::from_millis(300);
+
+fn warm_up(client: &mut Client, time: Duration) -> Res<()> {
+    let ping = Ping {
+        nonce: 0,
+        payload: vec![0u8; PAYLOAD],
+    };
+    let started = Instant::now();
+    let mut id = 1u64 << 62;
+    while started.elapsed() < time {
+        id += 1;
+        client.send(id, &ping, T)?;
+        let reply = client.recv(T)?;
+        if reply.message_type() != Some(MessageType::Pong) || reply.id() != id {
+            return Err(format!("unexpected reply {:?} to a warm-up ping", reply.header).into());
+        }
+    }
+    Ok(())
+}
 
 fn status_connections(client: &mut Client) -> Res<u32> {
     client.send(u64::MAX - 1, &StatusRequest {}, T)?;
@@ -1266,6 +1363,10 @@ fn render_table(r: &Report) -> String {
             ),
         ),
         (
+            "file system share: as many empty files created in the rendezvous file system, right after",
+            num("connect_file_create_ms", 1.0, "ms", 1),
+        ),
+        (
             "close them all until the server saw it",
             num("disconnect_1000_ms", 1.0, "ms", 1),
         ),
@@ -1366,10 +1467,11 @@ fn render_table(r: &Report) -> String {
     }
     let _ = writeln!(
         t,
-        "Machine: {} CPUs, load average at start {} / end {}",
+        "Machine: {} CPUs, load average at start {} / end {}; rendezvous directory {}",
         g("nproc").unwrap_or(0.0),
         r.get_str("load_avg_start").unwrap_or("?"),
-        r.get_str("load_avg_end").unwrap_or("?")
+        r.get_str("load_avg_end").unwrap_or("?"),
+        r.get_str("rendezvous_dir").unwrap_or("?")
     );
     t
 }
@@ -1468,6 +1570,27 @@ fn clock_ticks_per_sec() -> f64 {
 
 fn available_cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// `path (filesystem)`: slot lock files are created there, one per connection, so the file system shows in the
+/// connect figures (see docs/BENCHMARKS.md).
+fn describe_dir(path: &Path) -> String {
+    let fs = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .ok()
+        .and_then(|c| {
+            let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
+            // SAFETY: a NUL-terminated path and a valid out-pointer; read only after success.
+            (unsafe { libc::statfs(c.as_ptr(), st.as_mut_ptr()) } == 0)
+                .then(|| unsafe { st.assume_init() }.f_type)
+        })
+        .map_or("unknown file system".to_owned(), |magic| match magic {
+            0x0102_1994 => "tmpfs".to_owned(),
+            0xEF53 => "ext4".to_owned(),
+            0x5846_5342 => "xfs".to_owned(),
+            0x9123_683E => "btrfs".to_owned(),
+            other => format!("file system magic {other:#x}"),
+        });
+    format!("{} ({fs})", path.display())
 }
 
 fn load_average() -> String {
