@@ -554,7 +554,7 @@ async fn bad_model_files_get_clear_messages_before_any_request() {
 }
 
 #[tokio::test]
-async fn typing_under_a_prefix_first_template_never_decodes_the_suffix_again() {
+async fn typing_under_a_prefix_first_template_never_decodes_the_prompt_again() {
     use ai_engine::completion::{prepare_completion, ContextBudget, FimTemplate, PromptStyle};
     use lapce_ai_transport::protocol::{CompletionMode, CompletionRequest};
     let _serial = SERIAL.lock().await;
@@ -563,7 +563,7 @@ async fn typing_under_a_prefix_first_template_never_decodes_the_suffix_again() {
     // completion pipeline (trimming, the Qwen2.5-Coder template: prefix first, suffix after it).
     let style = PromptStyle::Template(FimTemplate::QwenCoder);
     let suffix = document(12);
-    let mut prefix = format!("{}    total = ", document(11));
+    let mut prefix = format!("{}{}    total = ", document(13), document(11));
     let request = |prefix: &str| {
         let request = CompletionRequest {
             language_id: "python".into(),
@@ -583,5 +583,17 @@ async fn typing_under_a_prefix_first_template_never_decodes_the_suffix_again() {
         // Only the typed text (and a token it merged with) is decoded: never the 200+ suffix tokens.
         assert!(key.decoded_tokens <= 6, "after {ch:?}: {key:?}");
         assert!(key.prompt_tokens > 300, "{key:?}");
+    }
+    // New lines: the trimmed window drops lines at its top (its new first line tokenizes differently at the
+    // cut) and the start of the middle moves now and then; neither may cost a full evaluation.
+    let lines = "\n    if total > limit:\n        total = limit\n    values.append(total)\n    return values\n";
+    for ch in lines.chars() {
+        prefix.push(ch);
+        let key = run(&p, request(&prefix)).await;
+        assert!(
+            key.decoded_tokens < key.prompt_tokens / 2,
+            "after {ch:?} in {:?}: {key:?}",
+            &prefix[prefix.len().saturating_sub(40)..]
+        );
     }
 }

@@ -26,11 +26,24 @@ pub(crate) struct Shift {
     pub len: usize,
 }
 
+/// At most this many prompt tokens are dropped at the seam where the window's first line was cut: text cut at
+/// a line start tokenizes differently there than it did inside the text (the newline merges with the
+/// indentation, or with the punctuation before it), so the window's first tokens never appear in the cache
+/// and nothing after them could be reused. Dropping them loses part of the oldest line's indentation.
+pub(crate) const MAX_SEAM_DROP: usize = 4;
+/// Tokens are dropped only where the prompt and the cache part this close to the prompt's start (after BOS and a
+/// FIM marker), never inside the text, where dropping tokens would hide an edit from the model.
+pub(crate) const MAX_SEAM_START: usize = 8;
+
 /// What a prompt can keep of a slot's cache.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub(crate) struct ReusePlan {
     /// Tokens shared from position 0.
     pub common: usize,
+    /// Prompt tokens to remove at `drop_at` before the plan applies (the seam of a moved window; see
+    /// [`MAX_SEAM_DROP`]). `common`, `shifts` and `kept` count positions in the prompt without them.
+    pub dropped: usize,
+    pub drop_at: usize,
     /// Chunks to shift down after the common prefix, in order.
     pub shifts: Vec<Shift>,
     /// Prompt tokens whose KV entries are kept (common + shifted); decoding starts here.
@@ -38,8 +51,36 @@ pub(crate) struct ReusePlan {
 }
 
 /// Plans reuse of `cached` for `prompt`. Chunks shorter than `min_chunk` are not shifted (0 = no shifting).
-/// At least the last prompt token is always left to decode, since its logits are needed.
+/// At least the last prompt token is always left to decode, since its logits are needed. Where the two part
+/// right after the prompt's start, up to [`MAX_SEAM_DROP`] prompt tokens may be dropped when that lets a moved
+/// window be shifted instead of evaluated again.
 pub(crate) fn plan_reuse(cached: &[TokenId], prompt: &[TokenId], min_chunk: usize) -> ReusePlan {
+    let mut best = plan_without_drops(cached, prompt, min_chunk);
+    if min_chunk == 0 || best.common > MAX_SEAM_START {
+        return best;
+    }
+    let at = best.common;
+    for dropped in 1..=MAX_SEAM_DROP.min(prompt.len().saturating_sub(at + 1)) {
+        let shorter: Vec<TokenId> = prompt[..at]
+            .iter()
+            .chain(&prompt[at + dropped..])
+            .copied()
+            .collect();
+        let plan = plan_without_drops(cached, &shorter, min_chunk);
+        // Worth it only for a real chunk: the dropped tokens must buy at least `min_chunk` kept ones. (The
+        // cache may already lack them, dropped at the previous request: then the rest is a common prefix.)
+        if plan.kept >= best.kept + min_chunk {
+            best = ReusePlan {
+                dropped,
+                drop_at: at,
+                ..plan
+            };
+        }
+    }
+    best
+}
+
+fn plan_without_drops(cached: &[TokenId], prompt: &[TokenId], min_chunk: usize) -> ReusePlan {
     let limit = prompt.len().saturating_sub(1);
     let common = cached
         .iter()
@@ -49,6 +90,8 @@ pub(crate) fn plan_reuse(cached: &[TokenId], prompt: &[TokenId], min_chunk: usiz
         .min(limit);
     let mut plan = ReusePlan {
         common,
+        dropped: 0,
+        drop_at: 0,
         shifts: Vec::new(),
         kept: common,
     };
@@ -175,6 +218,42 @@ mod tests {
             .shifts
             .iter()
             .all(|s| cached[s.from..s.from + s.len] == prompt[s.to..s.to + s.len]));
+    }
+
+    #[test]
+    fn a_window_cut_that_tokenizes_differently_drops_its_first_tokens_and_shifts() {
+        // BOS, FIM marker, then lines 100..300. The window moved down 20 tokens, and its new first line starts
+        // with two tokens the cache never saw (the newline merged differently at the cut).
+        let cached: Vec<i32> = [1, 2].into_iter().chain(100..300).collect();
+        let prompt: Vec<i32> = [1, 2, 7001, 7002].into_iter().chain(122..303).collect();
+        let plan = plan_reuse(&cached, &prompt, 16);
+        assert_eq!((plan.common, plan.dropped), (2, 2));
+        assert_eq!(
+            plan.shifts,
+            vec![Shift {
+                from: 24,
+                to: 2,
+                len: 178
+            }]
+        );
+        assert_eq!(plan.kept, 180);
+        // The next keystroke: the cache already lacks the two seam tokens, the prompt has them again.
+        let cached_now: Vec<i32> = [1, 2].into_iter().chain(122..303).collect();
+        let typed: Vec<i32> = [1, 2, 7001, 7002].into_iter().chain(122..304).collect();
+        let plan = plan_reuse(&cached_now, &typed, 16);
+        assert_eq!((plan.drop_at, plan.dropped, plan.common), (2, 2, 183));
+        assert!(plan.shifts.is_empty());
+        // An edit inside the text is never dropped: the model must see it.
+        let mut edited: Vec<i32> = [1, 2].into_iter().chain(100..300).collect();
+        edited[150] = 9999;
+        let plan = plan_reuse(&cached, &edited, 16);
+        assert_eq!((plan.common, plan.dropped), (150, 0));
+        // More new tokens at the seam than may be dropped: evaluated again.
+        let prompt: Vec<i32> = [1, 2, 7001, 7002, 7003, 7004, 7005]
+            .into_iter()
+            .chain(122..303)
+            .collect();
+        assert_eq!(plan_reuse(&cached, &prompt, 16).kept, 2);
     }
 
     fn slot(seq: i32, tokens: Vec<i32>, last_used: u64) -> Slot {

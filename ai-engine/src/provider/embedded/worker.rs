@@ -505,6 +505,11 @@ impl Engine<'_> {
         self.tick += 1;
         self.slots[slot].last_used = self.tick;
         let seq = self.slots[slot].seq;
+        let mut prompt = prompt;
+        if plan.dropped > 0 {
+            prompt.tokens.drain(plan.common..plan.common + plan.dropped);
+            metrics.prompt_tokens = prompt.tokens.len() as u32;
+        }
         let kept = match self.apply_plan(slot, &plan) {
             Ok(kept) => kept,
             Err(e) => {
