@@ -215,9 +215,11 @@ async fn the_engine_renders_the_family_template_for_a_local_completions_server()
     );
     let body = &sent_bodies(&server).await[0];
     assert!(body.get("suffix").is_none(), "{body}");
+    // Prefix-first: the cursor's line starts the middle, so the server's prompt cache keeps the suffix while
+    // the user types on (completion/anchor.rs).
     assert_eq!(
         body["prompt"],
-        "<|fim_prefix|>def add(a, b):\n    return <|fim_suffix|>\n<|fim_middle|>"
+        "<|fim_prefix|>def add(a, b):\n<|fim_suffix|>\n<|fim_middle|>    return "
     );
     assert!(body["stop"]
         .as_array()
