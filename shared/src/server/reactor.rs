@@ -41,18 +41,15 @@ pub(super) fn run(shared: &Shared) {
         if shared.inbox_ready.swap(false, Ordering::SeqCst) {
             take_inbox(shared, &mut slots);
         }
-        let announcements = shared.page.announce_sequence();
-        if announcements != announcements_seen {
-            announcements_seen = announcements;
-            if attach_announced(shared, &mut slots) {
-                // Connects come in bursts (an editor starting several windows, a reconnect after an engine
-                // restart): spin the full budget for the next one, however the budget had shrunk.
-                spin = SpinPolicy::new(shared.options.max_spin);
-            }
-        }
+        attach_if_announced(shared, &mut slots, &mut announcements_seen, &mut spin);
         let mut progressed = false;
         let mut index = 0;
         while index < slots.len() {
+            // A connecting client waits for its answer: with many connections, look for one every
+            // CONNECT_CHECK_EVERY services, so a connect never waits for a whole pass.
+            if index % CONNECT_CHECK_EVERY == CONNECT_CHECK_EVERY - 1 {
+                attach_if_announced(shared, &mut slots, &mut announcements_seen, &mut spin);
+            }
             match service(shared, &mut slots[index]) {
                 Ok(did_work) => {
                     progressed |= did_work;
@@ -81,13 +78,37 @@ pub(super) fn run(shared: &Shared) {
                     shared.page.bell().set_armed();
                 },
                 || {
+                    let announced = || shared.page.announce_sequence() != announcements_seen;
                     shared.stop.load(Ordering::Relaxed)
                         || shared.inbox_ready.load(Ordering::Relaxed)
-                        || shared.page.announce_sequence() != announcements_seen
-                        || slots.iter().any(ready)
+                        || announced()
+                        || slots
+                            .chunks(CONNECT_CHECK_EVERY)
+                            .any(|chunk| announced() || chunk.iter().any(ready))
                 },
             );
             shared.page.bell().disarm();
+        }
+    }
+}
+
+/// How many connections the reactor looks at between two looks for a connecting client.
+const CONNECT_CHECK_EVERY: usize = 64;
+
+/// Attaches the clients that announced since `seen` (see [`attach_announced`]).
+fn attach_if_announced(
+    shared: &Shared,
+    slots: &mut Vec<Slot>,
+    seen: &mut u32,
+    spin: &mut SpinPolicy,
+) {
+    let announcements = shared.page.announce_sequence();
+    if announcements != *seen {
+        *seen = announcements;
+        if attach_announced(shared, slots) {
+            // Connects come in bursts (an editor starting several windows, a reconnect after an engine
+            // restart): spin the full budget for the next one, however the budget had shrunk.
+            *spin = SpinPolicy::new(shared.options.max_spin);
         }
     }
 }
