@@ -221,11 +221,8 @@ impl Workspace {
         println!("llama.cpp server python: {server_python}");
         let mut args = vec!["test", "--workspace"];
         args.extend(extra.iter().map(String::as_str));
-        println!("$ cargo {}", args.join(" "));
-        let status = Command::new(&self.cargo)
-            .args(&args)
-            .current_dir(&self.root)
-            .env("CARGO_TARGET_DIR", &self.target_dir)
+        let status = self
+            .cargo_command(&args)
             .env("LAPCE_AI_TEST_MODEL", &model)
             .env("LAPCE_AI_LLAMA_SERVER_PYTHON", &server_python)
             .status()
@@ -256,12 +253,20 @@ impl Workspace {
         }
     }
 
-    fn cargo_with_env(&self, args: &[&str], env: &[(&str, &str)]) -> Result<()> {
+    /// `cargo ARGS` in the workspace with its target folder, echoed as it will run.
+    fn cargo_command(&self, args: &[&str]) -> Command {
         println!("$ cargo {}", args.join(" "));
-        let status = Command::new(&self.cargo)
+        let mut command = Command::new(&self.cargo);
+        command
             .args(args)
             .current_dir(&self.root)
-            .env("CARGO_TARGET_DIR", &self.target_dir)
+            .env("CARGO_TARGET_DIR", &self.target_dir);
+        command
+    }
+
+    fn cargo_with_env(&self, args: &[&str], env: &[(&str, &str)]) -> Result<()> {
+        let status = self
+            .cargo_command(args)
             .envs(env.iter().copied())
             .status()
             .context("running cargo")?;
@@ -348,12 +353,9 @@ impl Workspace {
     /// Runs a cargo build and returns the output folders of `crate_name`'s build script (from cargo's JSON
     /// messages: exact even when older builds of the crate sit in the target folder).
     fn cargo_build_script_outputs(&self, args: &[&str], crate_name: &str) -> Result<Vec<PathBuf>> {
-        println!("$ cargo {}", args.join(" "));
-        let output = Command::new(&self.cargo)
-            .args(args)
+        let output = self
+            .cargo_command(args)
             .args(["--message-format", "json-render-diagnostics"])
-            .current_dir(&self.root)
-            .env("CARGO_TARGET_DIR", &self.target_dir)
             .stderr(std::process::Stdio::inherit())
             .output()
             .context("running cargo")?;
