@@ -597,4 +597,153 @@ mod tests {
         ));
         let _ = (&mut tx, &mut rx);
     }
+
+    /// Spins until `done` holds, yielding the CPU now and then: with other tests running, the peer thread may
+    /// need this CPU to make progress.
+    fn spin_until(mut done: impl FnMut() -> bool) {
+        let mut spins = 0u32;
+        while !done() {
+            spins += 1;
+            if spins % 256 == 0 {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+    }
+
+    /// The waiting protocol under stress: a producer that finds the ring full announces it waits, re-checks,
+    /// and sleeps on a futex; the consumer drains a few records, then wakes it if the flag is up. A wake-up
+    /// lost between the consumer's head store and its flag read leaves the producer asleep with the ring
+    /// empty and the consumer idle, which the producer sees as a futex timeout with no ring of the bell.
+    #[test]
+    fn a_producer_waiting_for_space_is_always_woken() {
+        use crate::sys::{futex_wait, futex_wake_all};
+        use std::sync::atomic::AtomicBool;
+        use std::time::Duration;
+
+        const RECORDS: u32 = 300_000;
+        const RECORD: usize = 900; // 4 fit in a 4 KiB ring: the producer waits for space every few records
+        const SLEEP_LIMIT: Duration = Duration::from_secs(5);
+        let mut ring = TestRing::new(4096);
+        let (mut tx, mut rx) = ring.ends();
+        let bell = AtomicU32::new(0);
+        let done = AtomicBool::new(false);
+        let (waits, lost) = std::thread::scope(|scope| {
+            let consumer = scope.spawn(|| {
+                let mut out = Vec::new();
+                let mut expected = 0u32;
+                while expected < RECORDS {
+                    // A batch of at most two records, then the wake-up check, like the reactor's drain.
+                    let mut got = 0;
+                    while got < 2 && rx.read_into(&mut out).unwrap() {
+                        assert_eq!(out[..4], expected.to_le_bytes(), "records arrive in order");
+                        expected += 1;
+                        got += 1;
+                    }
+                    if got > 0 {
+                        if rx.take_producer_waiting() {
+                            bell.fetch_add(1, Ordering::Release);
+                            futex_wake_all(&bell);
+                        }
+                    } else if done.load(Ordering::Acquire) {
+                        break;
+                    } else {
+                        spin_until(|| rx.has_data() || done.load(Ordering::Acquire));
+                    }
+                }
+                expected
+            });
+            let mut waits = 0u64;
+            let mut lost = 0u64;
+            'records: for i in 0..RECORDS {
+                let fill = |b: &mut [u8]| b[..4].copy_from_slice(&i.to_le_bytes());
+                loop {
+                    if tx.try_write(RECORD, fill).unwrap() {
+                        continue 'records;
+                    }
+                    let rung = bell.load(Ordering::Acquire);
+                    tx.set_waiting_for_space(true);
+                    if tx.try_write(RECORD, fill).unwrap() {
+                        continue 'records;
+                    }
+                    waits += 1;
+                    // Futex waits may return early (a late wake meant for an earlier wait): sleep again until
+                    // the bell changes or the limit has passed.
+                    let deadline = std::time::Instant::now() + SLEEP_LIMIT;
+                    while bell.load(Ordering::Acquire) == rung {
+                        let now = std::time::Instant::now();
+                        if now >= deadline {
+                            // Nobody rang although the consumer drains as fast as it can.
+                            lost += 1;
+                            break 'records;
+                        }
+                        futex_wait(&bell, rung, Some(deadline - now));
+                    }
+                }
+            }
+            done.store(true, Ordering::Release);
+            let consumed = consumer.join().unwrap();
+            assert!(lost > 0 || consumed == RECORDS, "consumed {consumed}");
+            (waits, lost)
+        });
+        assert_eq!(lost, 0, "a wake-up was lost after {waits} waits for space");
+        assert!(waits > 1000, "the producer must really wait: {waits}");
+    }
+
+    /// The same hand-off as a store-buffering litmus test, so the race is hit often rather than by luck: both
+    /// sides start together from a full ring; the consumer frees one record and then looks for the waiting flag,
+    /// while the producer raises the flag and then looks for space. At least one of them must see the other,
+    /// or the producer would sleep with nobody to wake it. Without the consumer's fence, x86 lets its store of
+    /// head be overtaken by its read of the flag, and both see nothing.
+    #[test]
+    fn the_consumer_or_the_waiting_producer_always_sees_the_other() {
+        use std::sync::atomic::AtomicU64 as Counter;
+
+        const ROUNDS: u64 = 1_000_000;
+        const RECORD: usize = 8;
+        let mut ring = TestRing::new(4096);
+        let (mut tx, mut rx) = ring.ends();
+        while tx.try_write(RECORD, |_| {}).unwrap() {}
+        let start = Counter::new(0);
+        let finished = Counter::new(0);
+        let lost = std::thread::scope(|scope| {
+            let consumer = scope.spawn(|| {
+                let mut out = Vec::new();
+                let mut saw_flag = Vec::with_capacity(ROUNDS as usize);
+                for round in 1..=ROUNDS {
+                    spin_until(|| start.load(Ordering::Acquire) >= round);
+                    assert!(rx.read_into(&mut out).unwrap(), "the ring was full");
+                    saw_flag.push(rx.take_producer_waiting());
+                    finished.fetch_add(1, Ordering::AcqRel);
+                }
+                saw_flag
+            });
+            let mut saw_space = Vec::with_capacity(ROUNDS as usize);
+            for round in 1..=ROUNDS {
+                start.store(round, Ordering::Release);
+                // The consumer sees the start a cache-line transfer later: sweep the producer's delay so the
+                // two sides' accesses overlap in every possible alignment.
+                for _ in 0..round % 97 {
+                    std::hint::spin_loop();
+                }
+                tx.set_waiting_for_space(true);
+                saw_space.push(tx.try_write(RECORD, |_| {}).unwrap());
+                spin_until(|| finished.load(Ordering::Acquire) >= round);
+                // Both sides are done: fill the ring again for the next round and lower the flag.
+                while tx.try_write(RECORD, |_| {}).unwrap() {}
+                tx.set_waiting_for_space(false);
+            }
+            let saw_flag = consumer.join().unwrap();
+            saw_space
+                .iter()
+                .zip(&saw_flag)
+                .filter(|(space, flag)| !**space && !**flag)
+                .count()
+        });
+        assert_eq!(
+            lost, 0,
+            "{lost} of {ROUNDS} rounds: the producer saw no space and the consumer saw no waiting producer"
+        );
+    }
 }
