@@ -103,6 +103,33 @@ impl Shared {
     }
 }
 
+#[cfg(test)]
+impl Shared {
+    /// The state a reactor shares, without its threads: for tests that drive reactor steps directly. The
+    /// returned lock is the endpoint's engine.lock, which backs the engine page.
+    fn for_test(
+        endpoint: &Endpoint,
+        handler: Arc<dyn ServerHandler>,
+    ) -> Result<(Self, HeldLock), TransportError> {
+        endpoint.ensure_dirs()?;
+        let engine_lock = acquire_engine_lock(endpoint)?;
+        let page = EnginePage::create(engine_lock.file())
+            .map_err(|e| TransportError::io("mapping engine.lock", e))?;
+        let shared = Self {
+            endpoint: endpoint.clone(),
+            options: ServerOptions::default(),
+            page,
+            handler,
+            inbox: Mutex::new(Inbox::default()),
+            inbox_ready: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            attached: Mutex::new(HashMap::new()),
+            connections: AtomicUsize::new(0),
+        };
+        Ok((shared, engine_lock))
+    }
+}
+
 /// A running engine endpoint. Dropping it shuts down: goodbye to every client, lock released, files removed.
 pub struct Server {
     shared: Arc<Shared>,

@@ -497,3 +497,60 @@ fn handshake(
         &payload,
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::segment::SlotSegment;
+    use crate::server::ServerHandler;
+    use crate::{Endpoint, ReceivedMessage};
+
+    struct Silent;
+    impl ServerHandler for Silent {
+        fn on_message(&self, _: &Arc<ServerConnection>, _: &ReceivedMessage<'_>) {}
+    }
+
+    /// A client attached and gone before the reactor looked: both events wait in one inbox. Applied in the order
+    /// they happened, the connection ends closed; a detach applied before its attach would find nothing to close
+    /// and leave a dead client's connection open for good.
+    #[test]
+    fn an_attach_and_its_detach_in_one_inbox_leave_the_connection_closed() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::Builder::new()
+            .prefix("lapce-ai-inbox")
+            .tempdir()
+            .unwrap();
+        std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let endpoint = Endpoint::in_root("inbox", root.path()).unwrap();
+        let (shared, engine_lock) = Shared::for_test(&endpoint, Arc::new(Silent)).unwrap();
+
+        const SLOT: u32 = 3;
+        let generation = 0x1b0c_u64;
+        let client_side = SlotSegment::create(4096, 4096, generation).unwrap();
+        let fd = client_side.memfd_number().unwrap();
+        let server_side = SlotSegment::open_announced(std::process::id(), fd, generation).unwrap();
+        shared.post(|inbox| {
+            inbox.events.push(InboxEvent::Attach(Attach {
+                slot: SLOT,
+                segment: server_side,
+            }));
+            inbox.events.push(InboxEvent::Detach {
+                slot: SLOT,
+                generation,
+            });
+        });
+        let mut slots = Vec::new();
+        take_inbox(&shared, &mut slots);
+        assert!(
+            slots.is_empty(),
+            "the connection of a client that is gone must not stay open"
+        );
+        assert!(
+            client_side.server_closed(),
+            "the client side sees its connection closed"
+        );
+
+        drop(shared);
+        engine_lock.remove();
+    }
+}
