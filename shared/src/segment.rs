@@ -508,6 +508,14 @@ impl EnginePage {
         }
     }
 
+    /// True while `slot`'s announcement waits for the reactor (its bit is still set). Out-of-range slots: false.
+    pub fn is_announced(&self, slot: u32) -> bool {
+        self.control()
+            .announced
+            .get(slot as usize / 64)
+            .is_some_and(|word| word.load(Ordering::Acquire) & (1u64 << (slot % 64)) != 0)
+    }
+
     /// Test hook: lets a test act as a client that rewrites the shared engine page.
     #[cfg(feature = "test-hooks")]
     pub fn hostile_write(&self, armed: u32, sequence: Option<u32>, slot_words: Option<u64>) {

@@ -7,20 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use lapce_ai_transport::segment::EnginePage;
 use lapce_ai_transport::{Client, ClientOptions, Server, ServerOptions};
-use support::{ping, NoApp, TestEndpoint};
-
-/// Maps the endpoint's engine page the way a (hostile) client can.
-fn map_engine_page(ep: &TestEndpoint) -> (std::fs::File, EnginePage) {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(ep.endpoint.engine_lock_path())
-        .unwrap();
-    let page = EnginePage::open(&file).unwrap().expect("a full page");
-    (file, page)
-}
+use support::{map_engine_page, ping, NoApp, TestEndpoint};
 
 /// A peer that keeps writing `armed = 0` (and, later, garbage sequence numbers and slot bits) into the shared
 /// engine page. The reactor must still wake for a well-behaved client: it sleeps between that client's pings,

@@ -7,8 +7,10 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use lapce_ai_testkit::{scripted_request, ScriptedHandler, ScriptedPeer};
+use lapce_ai_transport::protocol::Ping;
+use lapce_ai_transport::segment::SlotSegment;
 use lapce_ai_transport::{
-    AsyncClient, ClientOptions, Endpoint, Server, ServerOptions, StreamEvent,
+    AsyncClient, Client, ClientOptions, Endpoint, Server, ServerOptions, StreamEvent,
 };
 
 #[derive(Parser)]
@@ -30,6 +32,16 @@ enum Role {
     Serve,
     /// Connect, start a slow endless stream, print `streaming` after the first chunk, then keep reading.
     StreamForever,
+    /// Connect, ping and disconnect in a loop (16 KiB rings), after printing `connecting`; for tests that kill
+    /// the process at an arbitrary point of a handshake.
+    ConnectLoop,
+    /// Become `uid` (needs root), create a sealed slot segment and print `segment <pid> <memfd> <generation>`;
+    /// then answer each stdin line with `untouched` or `touched` (did anyone write a reply or close mark into
+    /// it). For tests of a segment another user offers the engine.
+    ForeignSegment {
+        #[arg(long)]
+        uid: u32,
+    },
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -80,6 +92,57 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             Ok::<_, Box<dyn std::error::Error>>(())
         })?,
+        Role::ConnectLoop => {
+            let options = ClientOptions {
+                client_to_server_ring_bytes: 16 * 1024,
+                server_to_client_ring_bytes: 16 * 1024,
+                ..ClientOptions::default()
+            };
+            println!("connecting");
+            std::io::stdout().flush()?;
+            for nonce in 0u64.. {
+                let mut client = Client::connect(&endpoint, options.clone())?;
+                let ping = Ping {
+                    nonce,
+                    payload: Vec::new(),
+                };
+                client.send(nonce, &ping, Duration::from_secs(5))?;
+                client.recv(Duration::from_secs(5))?;
+            }
+        }
+        Role::ForeignSegment { uid } => foreign_segment(uid)?,
+    }
+    Ok(())
+}
+
+/// See [`Role::ForeignSegment`].
+fn foreign_segment(uid: u32) -> Result<(), Box<dyn std::error::Error>> {
+    // SAFETY: plain syscalls; the process is single-threaded here apart from tokio's idle workers, and
+    // setresgid/setresuid apply to every thread (glibc's set*id broadcast).
+    unsafe {
+        if libc::setgroups(0, std::ptr::null()) != 0
+            || libc::setresgid(uid, uid, uid) != 0
+            || libc::setresuid(uid, uid, uid) != 0
+        {
+            return Err(format!("becoming uid {uid}: {}", std::io::Error::last_os_error()).into());
+        }
+    }
+    let generation = 0x0f0e_1a9e_u64;
+    let segment = SlotSegment::create(4096, 4096, generation)?;
+    let memfd = segment
+        .memfd_number()
+        .ok_or("a segment without its memfd")?;
+    println!("segment {} {memfd} {generation}", std::process::id());
+    std::io::stdout().flush()?;
+    // SAFETY: this process never connects, so these are the segment's only ends.
+    let (_producer, consumer) = unsafe { segment.client_ends()? };
+    let mut line = String::new();
+    let stdin = std::io::stdin();
+    while stdin.lock().read_line(&mut line)? > 0 {
+        line.clear();
+        let touched = segment.server_closed() || consumer.has_data();
+        println!("{}", if touched { "touched" } else { "untouched" });
+        std::io::stdout().flush()?;
     }
     Ok(())
 }

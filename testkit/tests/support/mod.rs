@@ -70,11 +70,15 @@ pub struct Peer {
 
 impl Peer {
     fn spawn(ep: &TestEndpoint, role: &str) -> Self {
+        Self::spawn_with(ep, &[role])
+    }
+
+    fn spawn_with(ep: &TestEndpoint, role_and_args: &[&str]) -> Self {
         use std::process::{Command, Stdio};
         let mut child = Command::new(env!("CARGO_BIN_EXE_transport-peer"))
             .args(["--endpoint", ep.endpoint.name(), "--root"])
             .arg(ep.endpoint.root())
-            .arg(role)
+            .args(role_and_args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -97,6 +101,42 @@ impl Peer {
         let line = peer.read_line();
         assert_eq!(line.trim(), "streaming");
         peer
+    }
+
+    /// Starts a client process that connects, pings and disconnects in a loop; returns once it started.
+    pub fn connect_loop(ep: &TestEndpoint) -> Self {
+        let mut peer = Self::spawn(ep, "connect-loop");
+        assert_eq!(peer.read_line().trim(), "connecting");
+        peer
+    }
+
+    /// Starts a process that becomes `uid` and creates a sealed slot segment; returns it with the segment's
+    /// announcement (pid, memfd number, generation).
+    pub fn foreign_segment(
+        ep: &TestEndpoint,
+        uid: u32,
+    ) -> (Self, lapce_ai_transport::segment::Announcement) {
+        let mut peer = Self::spawn_with(ep, &["foreign-segment", "--uid", &uid.to_string()]);
+        let line = peer.read_line();
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let ["segment", pid, memfd, generation] = fields[..] else {
+            panic!("foreign-segment said {line:?}");
+        };
+        let announcement = lapce_ai_transport::segment::Announcement::new(
+            generation.parse().unwrap(),
+            pid.parse().unwrap(),
+            memfd.parse().unwrap(),
+        );
+        (peer, announcement)
+    }
+
+    /// Writes `line` to the peer's stdin and returns its one-line answer.
+    pub fn ask(&mut self, line: &str) -> String {
+        use std::io::Write;
+        let stdin = self.child.stdin.as_mut().expect("the peer's stdin");
+        writeln!(stdin, "{line}").unwrap();
+        stdin.flush().unwrap();
+        self.read_line().trim().to_owned()
     }
 
     pub fn read_line(&mut self) -> String {
@@ -148,4 +188,92 @@ pub fn ping(client: &mut lapce_ai_transport::Client, nonce: u64) -> std::time::D
     let pong: Pong = client.recv(timeout).unwrap().decode_owned().unwrap();
     assert_eq!(pong.nonce, nonce);
     start.elapsed()
+}
+
+/// A well-behaved client doing round trips on its own thread until stopped: proves that what a test does to
+/// other connections leaves this one working throughout.
+pub struct Survivor {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<u64>,
+}
+
+impl Survivor {
+    /// Connects, then pings in a loop (a failed round trip panics the thread, which [`Survivor::finish`]
+    /// reports).
+    pub fn start(ep: &TestEndpoint) -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let mut client =
+            lapce_ai_transport::Client::connect(&ep.endpoint, Default::default()).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                let mut round_trips = 0;
+                while !stop.load(Ordering::Acquire) {
+                    ping(&mut client, round_trips);
+                    round_trips += 1;
+                    if round_trips % 64 == 0 {
+                        // Leave the CPU to the processes under test now and then.
+                        std::thread::sleep(std::time::Duration::from_micros(200));
+                    }
+                }
+                client.close();
+                round_trips
+            })
+        };
+        Self { stop, thread }
+    }
+
+    /// Stops the round trips and returns how many there were; fails the test if any failed.
+    pub fn finish(self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        let round_trips = match self.thread.join() {
+            Ok(n) => n,
+            Err(panic) => std::panic::resume_unwind(panic),
+        };
+        assert!(
+            round_trips > 0,
+            "the well-behaved client made no round trip"
+        );
+        round_trips
+    }
+}
+
+/// Acts as a client that announces `announcement` in `slot` (holding the slot's lock, as a client does) and
+/// rings the engine; returns once the engine's reactor has looked at it, with the slot lock still held.
+pub fn announce_by_hand(
+    ep: &TestEndpoint,
+    slot: u32,
+    announcement: lapce_ai_transport::segment::Announcement,
+) -> lapce_ai_transport::lockfile::HeldLock {
+    use lapce_ai_transport::lockfile::{HeldLock, TryLock};
+    use std::os::unix::fs::FileExt;
+    let TryLock::Acquired(lock) = HeldLock::try_acquire(&ep.endpoint.slot_lock_path(slot)).unwrap()
+    else {
+        panic!("slot {slot} is taken");
+    };
+    lock.file().write_all_at(&announcement.encode(), 0).unwrap();
+    let (_engine_file, page) = map_engine_page(ep);
+    page.announce(slot);
+    page.bell().ring_always();
+    assert!(
+        wait_until(5.0, || !page.is_announced(slot)),
+        "the engine never looked at slot {slot}"
+    );
+    lock
+}
+
+/// Maps the engine's shared page the way a client does (read-write), as a peer that may also rewrite it.
+pub fn map_engine_page(
+    ep: &TestEndpoint,
+) -> (std::fs::File, lapce_ai_transport::segment::EnginePage) {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(ep.endpoint.engine_lock_path())
+        .unwrap();
+    let page = lapce_ai_transport::segment::EnginePage::open(&file)
+        .unwrap()
+        .expect("a full page");
+    (file, page)
 }
