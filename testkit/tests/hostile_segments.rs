@@ -7,8 +7,6 @@ mod support;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
 
-use lapce_ai_transport::framing::FrameSender;
-use lapce_ai_transport::protocol::{self, Hello, MessageType};
 use lapce_ai_transport::segment::{Announcement, SlotSegment};
 use lapce_ai_transport::{Client, ClientOptions, Server, ServerOptions};
 use support::{announce_by_hand, ping, NoApp, Peer, Survivor, TestEndpoint};
@@ -105,22 +103,7 @@ fn a_client_cannot_resize_its_segment_and_an_unsealed_one_is_refused() {
     // A segment without the size seals: a byte-for-byte copy of a real one (header, hello in its ring) in a
     // memfd of our own, so the seals are the only difference. Refused, and never answered.
     let generation = 0xabad_5ea1_u64;
-    let real = SlotSegment::create(4096, 4096, generation).unwrap();
-    // SAFETY: these are the only ends of this segment.
-    let (producer, _consumer) = unsafe { real.client_ends() }.unwrap();
-    let hello = protocol::encode(&Hello {
-        protocol_version: protocol::PROTOCOL_VERSION,
-        client_to_server_ring_bytes: 4096,
-        server_to_client_ring_bytes: 4096,
-        generation,
-        client_pid: std::process::id(),
-        client_name: "unsealed".into(),
-    })
-    .unwrap();
-    let mut progress = 0;
-    assert!(FrameSender::new(producer)
-        .try_send(MessageType::Hello.code(), 0, &hello, &mut progress)
-        .unwrap());
+    let real = support::segment_with_hello(generation);
     let image = std::fs::read(format!("/proc/self/fd/{}", real.memfd_number().unwrap())).unwrap();
     // SAFETY: memfd_create with a valid C string; the result is checked.
     let raw = unsafe { libc::memfd_create(c"lapce-ai-unsealed".as_ptr(), libc::MFD_CLOEXEC) };

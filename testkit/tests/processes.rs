@@ -160,6 +160,112 @@ async fn every_death_is_noticed_when_many_clients_are_killed_at_once() {
     ep.assert_clean();
 }
 
+/// Clients killed at arbitrary points of connecting (slot claimed, segment created, announced, answered or not):
+/// every one's connection closes, its slot file goes, and a well-behaved client keeps doing round trips.
+#[test]
+fn clients_killed_while_connecting_leave_nothing_behind() {
+    let ep = TestEndpoint::new("killconnect");
+    let server = Server::bind(
+        &ep.endpoint,
+        ServerOptions::default(),
+        Arc::new(support::NoApp),
+    )
+    .unwrap();
+    let survivor = support::Survivor::start(&ep);
+    // A fixed sequence of kill delays from 0 to 3 ms (a connect takes tens of microseconds), so the kills fall
+    // at every stage of a handshake across the victims.
+    let mut delay = 0x2545_f491_u64;
+    for _ in 0..24 {
+        let mut victim = Peer::connect_loop(&ep);
+        delay = delay
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        std::thread::sleep(Duration::from_micros((delay >> 33) % 3000));
+        victim.kill9();
+    }
+    let killed = Instant::now();
+    let settled = support::wait_until(DETECT.as_secs_f64(), || {
+        server.connection_count() == 1 && ep.leftover_files().len() == 2
+    });
+    assert!(
+        settled,
+        "after {:?}: {} connections (1 expected), files {:?} (engine.lock and the survivor's slot expected)",
+        killed.elapsed(),
+        server.connection_count(),
+        ep.leftover_files()
+    );
+    let round_trips = survivor.finish();
+    println!("{round_trips} round trips while 24 connecting clients were killed");
+    server.shutdown();
+    ep.assert_clean();
+}
+
+/// A dying process's files are closed (the engine's inotify watch sees IN_CLOSE_WRITE) before the kernel drops
+/// its flock, so the engine's first look can find the slot still locked. Played here in that order: the
+/// announcement's writable descriptor is closed while another descriptor still holds the lock, which is released
+/// a little later with no event the engine watches. The engine must look again and close the connection.
+#[test]
+fn a_death_whose_close_event_precedes_the_lock_release_is_noticed() {
+    use std::os::fd::AsRawFd;
+    let ep = TestEndpoint::new("closefirst");
+    let server = Server::bind(
+        &ep.endpoint,
+        ServerOptions::default(),
+        Arc::new(support::NoApp),
+    )
+    .unwrap();
+    let survivor = support::Survivor::start(&ep);
+    let generation = 0xc105_e0f1_u64;
+    let segment = support::segment_with_hello(generation);
+    let slot = 902;
+    let path = ep.endpoint.slot_lock_path(slot);
+    let writable = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .unwrap();
+    // The lock is held through a read-only descriptor, whose close the engine does not watch.
+    let holder = std::fs::File::open(&path).unwrap();
+    // SAFETY: plain flock on an fd this test owns.
+    assert_eq!(
+        unsafe { libc::flock(holder.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) },
+        0
+    );
+    support::announce_in_file(
+        &ep,
+        slot,
+        &writable,
+        lapce_ai_transport::segment::Announcement::new(
+            generation,
+            std::process::id(),
+            segment.memfd_number().unwrap(),
+        ),
+    );
+    assert!(support::wait_until(5.0, || server.connection_count() == 2));
+    // The close event first, while the lock is still held ...
+    drop(writable);
+    std::thread::sleep(Duration::from_millis(10));
+    // ... then the lock goes, silently.
+    drop(holder);
+    let released = Instant::now();
+    assert!(
+        support::wait_until(DETECT.as_secs_f64(), || server.connection_count() == 1),
+        "the client's death was missed: {} connections {:?} after its lock was released",
+        server.connection_count(),
+        released.elapsed()
+    );
+    println!(
+        "death noticed {:?} after the lock was released",
+        released.elapsed()
+    );
+    survivor.finish();
+    drop(segment);
+    let _ = std::fs::remove_file(&path);
+    server.shutdown();
+    ep.assert_clean();
+}
+
 /// An engine killed and restarted between two liveness checks locks the same engine.lock inode; a client of the
 /// dead one must still learn that its engine is gone (incarnation number), not wait on a connection nobody serves.
 #[test]

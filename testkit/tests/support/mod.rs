@@ -247,12 +247,24 @@ pub fn announce_by_hand(
     announcement: lapce_ai_transport::segment::Announcement,
 ) -> lapce_ai_transport::lockfile::HeldLock {
     use lapce_ai_transport::lockfile::{HeldLock, TryLock};
-    use std::os::unix::fs::FileExt;
     let TryLock::Acquired(lock) = HeldLock::try_acquire(&ep.endpoint.slot_lock_path(slot)).unwrap()
     else {
         panic!("slot {slot} is taken");
     };
-    lock.file().write_all_at(&announcement.encode(), 0).unwrap();
+    announce_in_file(ep, slot, lock.file(), announcement);
+    lock
+}
+
+/// Writes `announcement` into `file` (slot `slot`'s lock file, locked by the caller), sets the slot's bit in the
+/// engine page and rings; returns once the reactor has taken the bit.
+pub fn announce_in_file(
+    ep: &TestEndpoint,
+    slot: u32,
+    file: &std::fs::File,
+    announcement: lapce_ai_transport::segment::Announcement,
+) {
+    use std::os::unix::fs::FileExt;
+    file.write_all_at(&announcement.encode(), 0).unwrap();
     let (_engine_file, page) = map_engine_page(ep);
     page.announce(slot);
     page.bell().ring_always();
@@ -260,7 +272,29 @@ pub fn announce_by_hand(
         wait_until(5.0, || !page.is_announced(slot)),
         "the engine never looked at slot {slot}"
     );
-    lock
+}
+
+/// A slot segment as a connecting client leaves it: 4 KiB rings and a `Hello` waiting in the client's ring.
+pub fn segment_with_hello(generation: u64) -> lapce_ai_transport::segment::SlotSegment {
+    use lapce_ai_transport::framing::FrameSender;
+    use lapce_ai_transport::protocol::{self, Hello, MessageType};
+    let segment = lapce_ai_transport::segment::SlotSegment::create(4096, 4096, generation).unwrap();
+    // SAFETY: these are the segment's only client ends; the producer is dropped before the segment.
+    let (producer, _consumer) = unsafe { segment.client_ends() }.unwrap();
+    let hello = protocol::encode(&Hello {
+        protocol_version: protocol::PROTOCOL_VERSION,
+        client_to_server_ring_bytes: 4096,
+        server_to_client_ring_bytes: 4096,
+        generation,
+        client_pid: std::process::id(),
+        client_name: "by hand".into(),
+    })
+    .unwrap();
+    let mut progress = 0;
+    assert!(FrameSender::new(producer)
+        .try_send(MessageType::Hello.code(), 0, &hello, &mut progress)
+        .unwrap());
+    segment
 }
 
 /// Maps the engine's shared page the way a client does (read-write), as a peer that may also rewrite it.
