@@ -604,7 +604,7 @@ mod tests {
         let mut spins = 0u32;
         while !done() {
             spins += 1;
-            if spins % 256 == 0 {
+            if spins.is_multiple_of(256) {
                 std::thread::yield_now();
             } else {
                 std::hint::spin_loop();

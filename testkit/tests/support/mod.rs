@@ -212,7 +212,7 @@ impl Survivor {
                 while !stop.load(Ordering::Acquire) {
                     ping(&mut client, round_trips);
                     round_trips += 1;
-                    if round_trips % 64 == 0 {
+                    if round_trips.is_multiple_of(64) {
                         // Leave the CPU to the processes under test now and then.
                         std::thread::sleep(std::time::Duration::from_micros(200));
                     }
