@@ -140,3 +140,101 @@ async fn a_missing_model_is_an_actionable_error() {
         .await
         .unwrap();
 }
+
+/// Holds every request whose prompt mentions `hold` open forever; answers the rest at once.
+struct HoldsSome;
+
+impl Provider for HoldsSome {
+    fn kind(&self) -> &str {
+        "holds-some"
+    }
+    fn model(&self) -> &str {
+        "holds-some"
+    }
+    fn supports_native_fim(&self) -> bool {
+        true
+    }
+    fn generate(
+        &self,
+        request: GenerationRequest,
+    ) -> BoxStream<'static, Result<GenerationEvent, ProviderError>> {
+        if format!("{:?}", request.prompt).contains("hold") {
+            Box::pin(futures::stream::pending())
+        } else {
+            InstantProvider { text: "ok".into() }.generate(request)
+        }
+    }
+}
+
+/// One connection cannot pile up unbounded work in the engine: past the per-connection limit a request is
+/// refused with `Busy` (and a message that says what to do), while other connections carry on, and a place
+/// freed by a cancel can be used again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_in_flight_are_limited_per_connection() {
+    use ai_engine::daemon::MAX_IN_FLIGHT_PER_CONNECTION;
+    let root = tempfile::tempdir().unwrap();
+    let endpoint = endpoint(&root);
+    let (config, _) = instant_engine_parts("");
+    let factory: ProviderFactory =
+        Arc::new(|_p: &ProfileConfig| Ok(Arc::new(HoldsSome) as Arc<dyn Provider>));
+    let engine = Engine::new(config, factory, "inprocess");
+    let daemon = DaemonHandler::new(engine, tokio::runtime::Handle::current());
+    let server = Server::bind(
+        &endpoint,
+        ServerOptions::default(),
+        Arc::new(Handler(daemon)),
+    )
+    .unwrap();
+    let greedy = AsyncClient::connect(&endpoint, ClientOptions::default())
+        .await
+        .unwrap();
+    let other = AsyncClient::connect(&endpoint, ClientOptions::default())
+        .await
+        .unwrap();
+    let mut held = Vec::new();
+    for i in 0..MAX_IN_FLIGHT_PER_CONNECTION {
+        let request = CompletionRequest {
+            prefix: format!("hold{i} = "),
+            ..CompletionRequest::default()
+        };
+        held.push(greedy.request(&request).await.unwrap());
+    }
+    // The next one on the same connection is refused, however cheap it would be ...
+    match outcome(&greedy, "x = ").await {
+        Err(TransportError::Remote { code, message }) => {
+            assert_eq!(code, ErrorCode::Busy);
+            assert!(
+                message.contains(&format!("limit {MAX_IN_FLIGHT_PER_CONNECTION}")),
+                "{message}"
+            );
+        }
+        other => panic!("expected Busy past the limit, got {other:?}"),
+    }
+    // ... while another connection is served.
+    assert_eq!(outcome(&other, "y = ").await.unwrap().0, "ok");
+    // Cancelling one frees its place.
+    let first = held.remove(0);
+    first.cancel().await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match outcome(&greedy, "z = ").await {
+            Ok((text, _)) => {
+                assert_eq!(text, "ok");
+                break;
+            }
+            Err(TransportError::Remote {
+                code: ErrorCode::Busy,
+                ..
+            }) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            Err(e) => panic!("a cancelled request's place was not freed: {e}"),
+        }
+    }
+    drop(first);
+    drop(held);
+    drop((greedy, other));
+    tokio::task::spawn_blocking(move || server.shutdown())
+        .await
+        .unwrap();
+}
