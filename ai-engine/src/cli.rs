@@ -392,27 +392,48 @@ async fn client_command(
 }
 
 async fn stop(endpoint: &Endpoint) -> ExitCode {
-    let client =
-        match lapce_ai_transport::AsyncClient::connect(endpoint, ClientOptions::default()).await {
-            Ok(c) => c,
-            Err(TransportError::NoServer(_)) => {
-                println!("no engine is running on endpoint {:?}", endpoint.name());
-                return ExitCode::SUCCESS;
-            }
-            Err(e) => return fail(exit::NO_ENGINE, &e.to_string()),
-        };
+    let client = match lapce_ai_transport::AsyncClient::connect(endpoint, ClientOptions::default())
+        .await
+    {
+        Ok(c) => c,
+        Err(TransportError::NoServer(_)) => {
+            println!("no engine is running on endpoint {:?}", endpoint.name());
+            return ExitCode::SUCCESS;
+        }
+        Err(TransportError::IncompatibleEngine { pid, .. }) => {
+            // It cannot read a Shutdown message: it gets a signal instead.
+            let stopping = endpoint.clone();
+            let stopped = tokio::task::spawn_blocking(move || {
+                lapce_ai_transport::reconnect::stop_incompatible_engine(&stopping, pid)
+            })
+            .await;
+            return match stopped {
+                Ok(Ok(())) => {
+                    println!(
+                            "stopped the engine of another lapce-ai release on endpoint {:?} (pid {pid})",
+                            endpoint.name()
+                        );
+                    ExitCode::SUCCESS
+                }
+                Ok(Err(e)) => fail(exit::FAILED, &e.to_string()),
+                Err(e) => fail(exit::FAILED, &e.to_string()),
+            };
+        }
+        Err(e) => return fail(exit::NO_ENGINE, &e.to_string()),
+    };
     if let Err(e) = client.notify(&Shutdown {}).await {
         return fail(exit::FAILED, &e.to_string());
     }
     // The engine is gone once it released its lock (it says goodbye to clients just before).
     client.failed().await;
     let lock = endpoint.engine_lock_path();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while lapce_ai_transport::lockfile::path_is_locked(&lock).unwrap_or(false) {
-        if std::time::Instant::now() >= deadline {
-            return fail(exit::FAILED, "the engine did not stop within 10 s");
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+    let released = tokio::task::spawn_blocking(move || {
+        lapce_ai_transport::lockfile::wait_until_released(&lock, Duration::from_secs(10))
+    })
+    .await
+    .unwrap_or(false);
+    if !released {
+        return fail(exit::FAILED, "the engine did not stop within 10 s");
     }
     println!("ai-engine on endpoint {:?} stopped", endpoint.name());
     ExitCode::SUCCESS

@@ -305,3 +305,72 @@ fn cli_complete_status_and_stop() {
     assert!(stderr.contains("no engine"), "{stderr}");
     sandbox.assert_clean();
 }
+
+/// An upgrade can leave the previous release's engine running: it holds engine.lock but cannot read this
+/// release's messages. `stop` says which engine it was and stops it with a signal; `status` then finds none.
+#[test]
+fn cli_stop_stops_an_engine_of_another_release() {
+    use std::io::BufRead;
+    let sandbox = Sandbox::new("oldrelease");
+    sandbox.endpoint.ensure_dirs().unwrap();
+    let lock = sandbox.endpoint.engine_lock_path();
+    // What a release before the rendezvous version leaves in engine.lock: the lock held, the pid alone.
+    let holder = r#"
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+os.ftruncate(fd, 4096)
+os.pwrite(fd, (str(os.getpid()).ljust(31) + "\n").encode(), 0)
+print("ready", flush=True)
+sys.stdin.read()
+"#;
+    let mut old = std::process::Command::new("python3")
+        .args(["-c", holder])
+        .arg(&lock)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 plays the old engine");
+    let mut ready = String::new();
+    std::io::BufReader::new(old.stdout.take().unwrap())
+        .read_line(&mut ready)
+        .unwrap();
+    assert_eq!(ready.trim(), "ready");
+
+    let output = sandbox
+        .command()
+        .args(["--no-start", "status"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("another lapce-ai release") && stderr.contains(&old.id().to_string()),
+        "{stderr}"
+    );
+
+    let output = sandbox.command().arg("stop").output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("another lapce-ai release") && stdout.contains(&old.id().to_string()),
+        "{stdout}"
+    );
+    let exit = old.wait().unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&exit),
+        Some(libc::SIGTERM)
+    );
+    let output = sandbox
+        .command()
+        .args(["--no-start", "status"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(3), "no engine after stop");
+    let _ = std::fs::remove_file(&lock);
+    sandbox.assert_clean();
+}

@@ -18,7 +18,7 @@ use crate::protocol::{
     ArchivedErrorMessage, ErrorMessage, Goodbye, Hello, HelloAck, Message, MessageType,
     PayloadEncoder, PROTOCOL_VERSION,
 };
-use crate::segment::{EnginePage, SlotSegment};
+use crate::segment::{EngineIdentity, EnginePage, SlotSegment};
 use crate::util::lock;
 
 /// Highest slot number + 1 a client will try.
@@ -148,6 +148,25 @@ impl EngineLink {
             .map_err(|e| TransportError::io("probing the engine lock", e))?;
         if !alive {
             return Err(no_server());
+        }
+        match mapping.page.identity() {
+            EngineIdentity::Compatible { .. } => {}
+            // Bound a moment ago; its identity line follows at once.
+            EngineIdentity::Blank => return Err(no_server()),
+            EngineIdentity::Other { pid, version } => {
+                // Only if that engine really holds the lock: a line left by a dead engine of another release
+                // is overwritten by the next engine right after it takes the lock.
+                let holder = lockfile::exclusive_holder(&mapping.lock_file)
+                    .map_err(|e| TransportError::io("reading /proc/locks", e))?;
+                if holder != Some(pid) {
+                    return Err(no_server());
+                }
+                return Err(TransportError::IncompatibleEngine {
+                    endpoint: endpoint.name().to_owned(),
+                    pid,
+                    version,
+                });
+            }
         }
         let incarnation = mapping.page.incarnation();
         if incarnation == 0 {

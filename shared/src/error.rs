@@ -19,6 +19,18 @@ pub enum TransportError {
     },
     #[error("an engine is already running on endpoint {endpoint:?} (pid {pid})")]
     AlreadyRunning { endpoint: String, pid: String },
+    #[error(
+        "the engine running on endpoint {endpoint:?} (pid {pid}) is from another lapce-ai release (rendezvous \
+         version {}; this client speaks {}): stop it (`ai-engine stop` replaces it) and the next request starts \
+         the current one",
+        version.map_or_else(|| "older than 3".to_owned(), |v| v.to_string()),
+        crate::segment::RENDEZVOUS_VERSION
+    )]
+    IncompatibleEngine {
+        endpoint: String,
+        pid: u32,
+        version: Option<u32>,
+    },
     #[error("no engine is running on endpoint {0:?}")]
     NoServer(String),
     #[error("the engine on endpoint {0:?} went away")]

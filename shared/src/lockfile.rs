@@ -125,3 +125,38 @@ pub fn path_is_locked(path: &Path) -> io::Result<bool> {
         Err(e) => Err(e),
     }
 }
+
+/// The pid of the process holding an exclusive flock on `file`, from `/proc/locks` (`None` when nobody does, or
+/// the holder is outside this pid namespace). Reads a line per lock on the system: for rare paths only.
+pub fn exclusive_holder(file: &File) -> io::Result<Option<u32>> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = file.metadata()?;
+    let (major, minor) = (libc::major(meta.dev()), libc::minor(meta.dev()));
+    let wanted = format!("{major:02x}:{minor:02x}:{}", meta.ino());
+    let locks = std::fs::read_to_string("/proc/locks")?;
+    Ok(locks.lines().find_map(|line| {
+        // "1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF"; waiters have "->" after the number.
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words[..] {
+            [_, "FLOCK", _, "WRITE", pid, id, ..] if id == wanted => {
+                pid.parse().ok().filter(|p| *p != 0)
+            }
+            _ => None,
+        }
+    }))
+}
+
+/// Waits until nobody holds the lock file at `path` (or it is gone); false if it is still held after `timeout`.
+/// Polls every few milliseconds: for shutdowns, not hot paths.
+pub fn wait_until_released(path: &Path, timeout: std::time::Duration) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if !path_is_locked(path).unwrap_or(false) {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}

@@ -12,8 +12,9 @@ use crate::endpoint::Endpoint;
 use crate::error::TransportError;
 use crate::protocol::Message;
 
-/// Blocks until an engine serves `endpoint` (its lock is held and its page published) or `timeout` passes.
-/// Event-driven: inotify on the rendezvous directory wakes it when the engine writes its pid.
+/// Blocks until an engine of this release serves `endpoint` (its lock is held and its page published) or
+/// `timeout` passes; then the error says whether none ran or one of another release did. Event-driven: inotify
+/// on the rendezvous directory wakes it when the engine writes its pid.
 pub fn wait_for_engine(endpoint: &Endpoint, timeout: Duration) -> Result<(), TransportError> {
     endpoint.ensure_dirs()?;
     let inotify = Inotify::init().map_err(|e| TransportError::io("initialising inotify", e))?;
@@ -28,12 +29,14 @@ pub fn wait_for_engine(endpoint: &Endpoint, timeout: Duration) -> Result<(), Tra
     let mut buffer = [0u8; 4096];
     let mut inotify = inotify;
     loop {
-        if EngineLink::open(endpoint).is_ok() {
-            return Ok(());
-        }
+        let last = match EngineLink::open(endpoint) {
+            Ok(_) => return Ok(()),
+            Err(e @ TransportError::IncompatibleEngine { .. }) => e,
+            Err(_) => TransportError::NoServer(endpoint.name().to_owned()),
+        };
         let now = Instant::now();
         if now >= deadline {
-            return Err(TransportError::NoServer(endpoint.name().to_owned()));
+            return Err(last);
         }
         // Events wake us at once; the bounded sleep only guards against a missed event.
         let wait = (deadline - now).min(Duration::from_millis(250));
@@ -46,6 +49,54 @@ pub fn wait_for_engine(endpoint: &Endpoint, timeout: Duration) -> Result<(), Tra
         unsafe { libc::poll(&mut fd, 1, wait.as_millis() as libc::c_int) };
         let _ = inotify.read_events(&mut buffer);
     }
+}
+
+/// How long an engine of another release gets to stop after SIGTERM before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// Stops the engine of another release that holds `endpoint` (see [`TransportError::IncompatibleEngine`]): it
+/// cannot understand a `Shutdown` message, so it gets SIGTERM (SIGKILL if it still holds the lock after
+/// [`STOP_GRACE`]), and only once `/proc/locks` confirms that `pid` holds the endpoint's engine.lock. Returns when
+/// the lock is free.
+pub fn stop_incompatible_engine(endpoint: &Endpoint, pid: u32) -> Result<(), TransportError> {
+    let path = endpoint.engine_lock_path();
+    let file = match std::fs::File::open(&path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(TransportError::io(format!("opening {}", path.display()), e)),
+    };
+    let holder = crate::lockfile::exclusive_holder(&file)
+        .map_err(|e| TransportError::io("reading /proc/locks", e))?;
+    if holder != Some(pid) {
+        // It stopped already, or another engine took its place: nothing of ours to stop.
+        return Ok(());
+    }
+    tracing::warn!(
+        endpoint = endpoint.name(),
+        pid,
+        "stopping an engine of another lapce-ai release"
+    );
+    for (signal, wait) in [
+        (libc::SIGTERM, STOP_GRACE),
+        (libc::SIGKILL, Duration::from_secs(2)),
+    ] {
+        // SAFETY: plain kill(2) on a pid confirmed above to hold this user's engine lock.
+        if unsafe { libc::kill(pid as libc::pid_t, signal) } != 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::ESRCH) {
+                return Err(TransportError::io(
+                    format!("stopping the engine of another release (pid {pid})"),
+                    err,
+                ));
+            }
+        }
+        if crate::lockfile::wait_until_released(&path, wait) {
+            return Ok(());
+        }
+    }
+    Err(TransportError::Timeout(
+        "waiting for the engine of another release to stop",
+    ))
 }
 
 /// Starts an engine for an endpoint (e.g. spawns `ai-engine serve --detach`). Called at most once per attempt.
@@ -122,6 +173,7 @@ impl ReconnectingClient {
     async fn connect_fresh(&self) -> Result<AsyncClient, TransportError> {
         let deadline = Instant::now() + self.ready_timeout;
         let mut started = false;
+        let mut replaced = false;
         loop {
             match AsyncClient::connect(&self.endpoint, self.options.clone()).await {
                 Ok(client) => return Ok(client),
@@ -144,6 +196,16 @@ impl ReconnectingClient {
                     let endpoint = self.endpoint.clone();
                     let remaining = deadline.saturating_duration_since(Instant::now());
                     tokio::task::spawn_blocking(move || wait_for_engine(&endpoint, remaining))
+                        .await
+                        .map_err(|e| TransportError::Closed(e.to_string()))??;
+                }
+                Err(TransportError::IncompatibleEngine { pid, .. })
+                    if self.starter.is_some() && !replaced =>
+                {
+                    // This client may start engines: replace the stale one (an upgrade left it running).
+                    replaced = true;
+                    let endpoint = self.endpoint.clone();
+                    tokio::task::spawn_blocking(move || stop_incompatible_engine(&endpoint, pid))
                         .await
                         .map_err(|e| TransportError::Closed(e.to_string()))??;
                 }

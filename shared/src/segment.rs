@@ -418,6 +418,16 @@ impl EnginePage {
         Ok(page)
     }
 
+    /// The identity line as it is now (the engine writes it when it binds and again when it is ready).
+    pub fn identity(&self) -> EngineIdentity {
+        // SAFETY: the line lies inside the mapped page; a copy is taken once and parsed privately (an engine
+        // rewriting it concurrently can only make the copy unparsable, which reads as Blank or Other).
+        let text = unsafe {
+            std::ptr::read_volatile(self.mapping.as_ptr().cast::<[u8; ENGINE_PID_BYTES]>())
+        };
+        EngineIdentity::parse(&text)
+    }
+
     /// Server side, once ready: publishes a fresh random incarnation number and returns it.
     pub fn publish_incarnation(&self) -> u64 {
         let incarnation = sys::random_u64().max(1);
@@ -540,13 +550,53 @@ impl EnginePage {
     }
 }
 
-/// Writes the pid line at the start of engine.lock with a normal write (which also announces readiness to
-/// inotify watchers of the rendezvous directory).
+/// The version of what a client and an engine share before they can exchange a `Hello`: the engine page's
+/// layout, the slot announcement and the slot segment's layout. Bump it with any incompatible change there. The
+/// engine writes it after its pid in engine.lock; a client that finds another version (or none: releases before
+/// this field) refuses at once with [`TransportError::IncompatibleEngine`](crate::TransportError), instead of
+/// announcing itself to an engine that cannot read the announcement and waiting out its timeout.
+pub const RENDEZVOUS_VERSION: u32 = 3;
+
+/// What the identity line at the start of engine.lock says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineIdentity {
+    /// Nothing yet: the engine is starting (or the file is not an engine's).
+    Blank,
+    /// An engine of this rendezvous version.
+    Compatible { pid: u32 },
+    /// An engine of another release: `version` is `None` for releases before the version field.
+    Other { pid: u32, version: Option<u32> },
+}
+
+impl EngineIdentity {
+    /// Parses `<pid>[ rendezvous=<version>]` followed by blanks (see [`write_engine_pid`]).
+    pub fn parse(text: &[u8]) -> Self {
+        let text = String::from_utf8_lossy(text);
+        let mut words = text
+            .split(|c: char| c.is_whitespace() || c == '\0')
+            .filter(|w| !w.is_empty());
+        let Some(pid) = words.next().and_then(|w| w.parse::<u32>().ok()) else {
+            return Self::Blank;
+        };
+        let version = words
+            .next()
+            .and_then(|w| w.strip_prefix("rendezvous="))
+            .and_then(|v| v.parse::<u32>().ok());
+        if version == Some(RENDEZVOUS_VERSION) {
+            Self::Compatible { pid }
+        } else {
+            Self::Other { pid, version }
+        }
+    }
+}
+
+/// Writes the identity line (`<pid> rendezvous=<version>`) at the start of engine.lock with a normal write
+/// (which also announces readiness to inotify watchers of the rendezvous directory).
 pub fn write_engine_pid(file: &File) -> io::Result<()> {
     use std::os::unix::fs::FileExt;
     let mut text = [b' '; ENGINE_PID_BYTES];
-    let pid = format!("{}\n", std::process::id());
-    text[..pid.len()].copy_from_slice(pid.as_bytes());
+    let line = format!("{} rendezvous={RENDEZVOUS_VERSION}\n", std::process::id());
+    text[..line.len()].copy_from_slice(line.as_bytes());
     text[ENGINE_PID_BYTES - 1] = b'\n';
     file.write_all_at(&text, 0)
 }

@@ -150,6 +150,10 @@ impl Server {
         let engine_lock = acquire_engine_lock(endpoint)?;
         let page = EnginePage::create(engine_lock.file())
             .map_err(|e| TransportError::io("mapping engine.lock", e))?;
+        // At once, so a client never reads a dead engine's identity line (perhaps of another release) while
+        // this engine holds the lock. Clients still wait for the incarnation below.
+        segment::write_engine_pid(engine_lock.file())
+            .map_err(|e| TransportError::io("writing engine.lock", e))?;
         sweep_stale(endpoint);
         let inotify = acceptor::watch_slots(endpoint)?;
         // SAFETY: eventfd returns a new fd or -1.

@@ -42,6 +42,12 @@ enum Role {
         #[arg(long)]
         uid: u32,
     },
+    /// Act as an engine of another release: hold engine.lock with an identity line of rendezvous `version`
+    /// (none: the line releases before the version field wrote), print `ready`, and wait until killed.
+    OldEngine {
+        #[arg(long)]
+        version: Option<u32>,
+    },
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -111,6 +117,33 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
         }
         Role::ForeignSegment { uid } => foreign_segment(uid)?,
+        Role::OldEngine { version } => {
+            use lapce_ai_transport::lockfile::{HeldLock, TryLock};
+            use std::os::unix::fs::FileExt;
+            endpoint.ensure_dirs()?;
+            let TryLock::Acquired(lock) = HeldLock::try_acquire(&endpoint.engine_lock_path())?
+            else {
+                return Err("engine.lock is taken".into());
+            };
+            lock.file().set_len(4096)?;
+            let line = match version {
+                Some(v) => format!("{} rendezvous={v}", std::process::id()),
+                None => std::process::id().to_string(),
+            };
+            let mut text = [b' '; 32];
+            text[..line.len()].copy_from_slice(line.as_bytes());
+            text[line.len()] = b'\n';
+            text[31] = b'\n';
+            lock.file().write_all_at(&text, 0)?;
+            println!("ready");
+            std::io::stdout().flush()?;
+            // Until killed (a SIGTERM ends the process and the kernel frees the lock), or stdin closes.
+            let mut line = String::new();
+            while std::io::stdin().lock().read_line(&mut line)? > 0 {
+                line.clear();
+            }
+            lock.remove();
+        }
     }
     Ok(())
 }

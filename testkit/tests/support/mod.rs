@@ -74,10 +74,14 @@ impl Peer {
     }
 
     fn spawn_with(ep: &TestEndpoint, role_and_args: &[&str]) -> Self {
+        Self::spawn_in(&ep.endpoint, role_and_args)
+    }
+
+    fn spawn_in(endpoint: &lapce_ai_transport::Endpoint, role_and_args: &[&str]) -> Self {
         use std::process::{Command, Stdio};
         let mut child = Command::new(env!("CARGO_BIN_EXE_transport-peer"))
-            .args(["--endpoint", ep.endpoint.name(), "--root"])
-            .arg(ep.endpoint.root())
+            .args(["--endpoint", endpoint.name(), "--root"])
+            .arg(endpoint.root())
             .args(role_and_args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -89,7 +93,12 @@ impl Peer {
 
     /// Starts a scripted server process and waits for its `ready` line.
     pub fn server(ep: &TestEndpoint) -> Self {
-        let mut peer = Self::spawn(ep, "serve");
+        Self::server_in(&ep.endpoint)
+    }
+
+    /// [`Peer::server`] for an endpoint given by itself (for engine starters).
+    pub fn server_in(endpoint: &lapce_ai_transport::Endpoint) -> Self {
+        let mut peer = Self::spawn_in(endpoint, &["serve"]);
         let line = peer.read_line();
         assert!(line.starts_with("ready"), "server said {line:?}");
         peer
@@ -128,6 +137,19 @@ impl Peer {
             memfd.parse().unwrap(),
         );
         (peer, announcement)
+    }
+
+    /// Starts a process that holds the endpoint's engine.lock as an engine of another release would
+    /// (`version`: its rendezvous version, `None` for releases before the field); returns once it holds it.
+    pub fn old_engine(ep: &TestEndpoint, version: Option<u32>) -> Self {
+        let version = version.map(|v| v.to_string());
+        let mut args = vec!["old-engine"];
+        if let Some(v) = &version {
+            args.extend(["--version", v]);
+        }
+        let mut peer = Self::spawn_with(ep, &args);
+        assert_eq!(peer.read_line().trim(), "ready");
+        peer
     }
 
     /// Writes `line` to the peer's stdin and returns its one-line answer.
