@@ -276,7 +276,12 @@ async fn unfinished_fragments_are_bounded_and_an_abandoned_one_does_not_poison_i
         ping(&mut good, 2);
 
         // Too many bytes held across unfinished messages (each one under the limit): closed as well.
-        let mut grower = Client::connect(&ep.endpoint, ClientOptions::default()).unwrap();
+        // Rings large enough for each unfinished piece to go in one record.
+        let wide = ClientOptions {
+            client_to_server_ring_bytes: 64 * 1024,
+            ..ClientOptions::default()
+        };
+        let mut grower = Client::connect(&ep.endpoint, wide).unwrap();
         let chunk = vec![0u8; (MAX_MESSAGE / 3 + 1024) as usize];
         for id in 0..3 {
             grower.hostile_write_record(&fragment(

@@ -25,9 +25,13 @@ fn start(ep: &TestEndpoint) -> (Server, Arc<ScriptedPeer>) {
 }
 
 async fn connect(ep: &TestEndpoint) -> AsyncClient {
-    AsyncClient::connect(&ep.endpoint, ClientOptions::default())
-        .await
-        .unwrap()
+    // 64 KiB rings: the tests' names and fragment sizes (16 KiB) assume them.
+    let options = ClientOptions {
+        client_to_server_ring_bytes: 64 * 1024,
+        server_to_client_ring_bytes: 64 * 1024,
+        ..ClientOptions::default()
+    };
+    AsyncClient::connect(&ep.endpoint, options).await.unwrap()
 }
 
 /// Reads a stream to its end, checking every chunk equals `expect`; returns (chunks, finish reason).

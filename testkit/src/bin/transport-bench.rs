@@ -609,6 +609,7 @@ fn connect_and_close(
     warm_up(client, CONNECT_WARM_UP)?;
     let mut clients = Vec::with_capacity(sizes.connect_clients);
     let mut each = Vec::with_capacity(sizes.connect_clients);
+    let memory_before = ConnectionMemory::read(pid)?;
     let cpu_before = ProcCpu::read(pid)?;
     let started = Instant::now();
     for _ in 0..sizes.connect_clients {
@@ -641,6 +642,12 @@ fn connect_and_close(
         .into());
     }
     std::thread::sleep(Duration::from_millis(200));
+    ConnectionMemory::read(pid)?.report_per_connection(
+        &memory_before,
+        sizes.connect_clients,
+        "",
+        report,
+    );
     let rss = ProcMem::read(pid)?;
     report.num("rss_1000_kib", rss.vm_rss as f64);
     report.num("rss_anon_1000_kib", rss.anon as f64);
@@ -662,7 +669,80 @@ fn connect_and_close(
         std::thread::sleep(Duration::from_millis(1));
     }
     report.num("disconnect_1000_ms", started.elapsed().as_secs_f64() * 1e3);
+
+    // The same accounting for connections with the default rings, as the bridge and the CLI connect.
+    let count = sizes.connect_clients / 10;
+    let memory_before = ConnectionMemory::read(pid)?;
+    let default_clients = (0..count)
+        .map(|_| {
+            Client::connect(
+                endpoint,
+                ClientOptions {
+                    client_name: "transport-bench".into(),
+                    ..ClientOptions::default()
+                },
+            )
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    std::thread::sleep(Duration::from_millis(200));
+    ConnectionMemory::read(pid)?.report_per_connection(&memory_before, count, "_default", report);
+    report.num(
+        "default_ring_kib",
+        ClientOptions::default().client_to_server_ring_bytes as f64 / 1024.0,
+    );
+    drop(default_clients);
+    let deadline = Instant::now() + T;
+    while status_connections(client)? != 1 {
+        if Instant::now() >= deadline {
+            return Err("the server did not notice the closed clients".into());
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
     Ok(())
+}
+
+/// What connections cost in memory, on both sides: the engine's and this process's private memory, and the
+/// system's shared memory (the memfd segments, whose pages are reserved when they are created, and lock files
+/// on a tmpfs rendezvous directory), which both processes map but which exists once.
+struct ConnectionMemory {
+    server_anon_kib: u64,
+    client_anon_kib: u64,
+    system_shmem_kib: u64,
+}
+
+impl ConnectionMemory {
+    fn read(server_pid: u32) -> Res<Self> {
+        let meminfo = std::fs::read_to_string("/proc/meminfo")?;
+        Ok(Self {
+            server_anon_kib: ProcMem::read(server_pid)?.anon,
+            client_anon_kib: ProcMem::read(std::process::id())?.anon,
+            system_shmem_kib: status_field(&meminfo, "Shmem:")
+                .ok_or("Shmem missing in /proc/meminfo")?,
+        })
+    }
+
+    /// Reports the growth since `before` per connection, as `memory_per_connection{suffix}_*_kib`.
+    fn report_per_connection(
+        &self,
+        before: &Self,
+        connections: usize,
+        suffix: &str,
+        report: &mut Report,
+    ) {
+        let per = |after: u64, before: u64| {
+            after.saturating_sub(before) as f64 / connections.max(1) as f64
+        };
+        let server = per(self.server_anon_kib, before.server_anon_kib);
+        let client = per(self.client_anon_kib, before.client_anon_kib);
+        let shared = per(self.system_shmem_kib, before.system_shmem_kib);
+        report.num(&format!("memory_per_connection{suffix}_server_kib"), server);
+        report.num(&format!("memory_per_connection{suffix}_client_kib"), client);
+        report.num(&format!("memory_per_connection{suffix}_shared_kib"), shared);
+        report.num(
+            &format!("memory_per_connection{suffix}_kib"),
+            server + client + shared,
+        );
+    }
 }
 
 /// Async clients left idle while this process's CPU use is measured.
@@ -1269,6 +1349,19 @@ fn verdict(ok: Option<bool>) -> &'static str {
 fn render_table(r: &Report) -> String {
     let mut t = String::new();
     let g = |k: &str| r.get(k);
+    let connection_memory = |suffix: &str| {
+        let part = |what: &str| {
+            g(&format!("memory_per_connection{suffix}{what}_kib"))
+                .map_or("n/a".to_owned(), |v| format!("{v:.1} KiB"))
+        };
+        format!(
+            "{} + {} + {} = {}",
+            part("_server"),
+            part("_client"),
+            part("_shared"),
+            part("")
+        )
+    };
     let _ = writeln!(t, "Latency (round trip, 64-byte payload, two processes)");
     let _ = writeln!(t, "| mechanism | p50 | p99 | p99.9 | iterations |");
     let _ = writeln!(t, "|---|---|---|---|---|");
@@ -1409,6 +1502,14 @@ fn render_table(r: &Report) -> String {
                 num("rss_shmem_1000_kib", 1.0, "KiB", 0)
             ),
         ),
+        (
+            "memory per idle connection, 16 KiB rings: engine private + client private + shared (segment, lock file) = total",
+            connection_memory(""),
+        ),
+        (
+            "memory per idle connection, default rings (as the bridge connects)",
+            connection_memory("_default"),
+        ),
     ];
     for (label, value) in lines {
         let _ = writeln!(t, "| {label} | {value} |");
@@ -1451,6 +1552,19 @@ fn render_table(r: &Report) -> String {
             "client idle CPU 0",
             shown("client_idle_cpu_ticks", |v| format!("{v} ticks")),
             met("client_idle_cpu_ticks", |v| v == 0.0),
+        ),
+        (
+            "memory per idle connection, both sides, < 64 KiB (16 KiB rings / default rings)",
+            format!(
+                "{} / {}",
+                num("memory_per_connection_kib", 1.0, "KiB", 1),
+                num("memory_per_connection_default_kib", 1.0, "KiB", 1)
+            ),
+            verdict(
+                g("memory_per_connection_kib")
+                    .zip(g("memory_per_connection_default_kib"))
+                    .map(|(small, default)| small.max(default) < 64.0),
+            ),
         ),
         (
             "1000 sequential connects < 100 ms",
