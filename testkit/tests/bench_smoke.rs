@@ -49,6 +49,9 @@ fn quick_bench_reports_every_required_key() {
         "connect_1000_ms",
         "rss_idle_kib",
         "rss_1000_kib",
+        "memory_per_connection_kib",
+        "memory_per_connection_shared_kib",
+        "memory_per_connection_default_kib",
     ];
     if has_node {
         required.extend(["node_ipc_p50_ns", "node_net_p50_ns"]);
