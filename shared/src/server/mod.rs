@@ -92,6 +92,25 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    fn new(
+        endpoint: &Endpoint,
+        options: ServerOptions,
+        page: EnginePage,
+        handler: Arc<dyn ServerHandler>,
+    ) -> Self {
+        Self {
+            endpoint: endpoint.clone(),
+            options,
+            page,
+            handler,
+            inbox: Mutex::new(Inbox::default()),
+            inbox_ready: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            attached: Mutex::new(HashMap::new()),
+            connections: AtomicUsize::new(0),
+        }
+    }
+
     fn post(&self, f: impl FnOnce(&mut Inbox)) {
         let mut inbox = crate::util::lock(&self.inbox);
         f(&mut inbox);
@@ -115,17 +134,7 @@ impl Shared {
         let engine_lock = acquire_engine_lock(endpoint)?;
         let page = EnginePage::create(engine_lock.file())
             .map_err(|e| TransportError::io("mapping engine.lock", e))?;
-        let shared = Self {
-            endpoint: endpoint.clone(),
-            options: ServerOptions::default(),
-            page,
-            handler,
-            inbox: Mutex::new(Inbox::default()),
-            inbox_ready: AtomicBool::new(false),
-            stop: AtomicBool::new(false),
-            attached: Mutex::new(HashMap::new()),
-            connections: AtomicUsize::new(0),
-        };
+        let shared = Self::new(endpoint, ServerOptions::default(), page, handler);
         Ok((shared, engine_lock))
     }
 }
@@ -166,17 +175,7 @@ impl Server {
         }
         // SAFETY: raw is a fresh fd we own.
         let wake = Arc::new(unsafe { OwnedFd::from_raw_fd(raw) });
-        let shared = Arc::new(Shared {
-            endpoint: endpoint.clone(),
-            options,
-            page,
-            handler,
-            inbox: Mutex::new(Inbox::default()),
-            inbox_ready: AtomicBool::new(false),
-            stop: AtomicBool::new(false),
-            attached: Mutex::new(HashMap::new()),
-            connections: AtomicUsize::new(0),
-        });
+        let shared = Arc::new(Shared::new(endpoint, options, page, handler));
         let reactor = {
             let shared = Arc::clone(&shared);
             std::thread::Builder::new()

@@ -661,13 +661,7 @@ fn connect_and_close(
 
     let started = Instant::now();
     drop(clients);
-    let deadline = Instant::now() + T;
-    while status_connections(client)? != 1 {
-        if Instant::now() >= deadline {
-            return Err("the server did not notice the closed clients".into());
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    wait_for_connections(client, 1)?;
     report.num("disconnect_1000_ms", started.elapsed().as_secs_f64() * 1e3);
 
     // The same accounting for connections with the default rings, as the bridge and the CLI connect.
@@ -691,13 +685,7 @@ fn connect_and_close(
         ClientOptions::default().client_to_server_ring_bytes as f64 / 1024.0,
     );
     drop(default_clients);
-    let deadline = Instant::now() + T;
-    while status_connections(client)? != 1 {
-        if Instant::now() >= deadline {
-            return Err("the server did not notice the closed clients".into());
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    wait_for_connections(client, 1)?;
     Ok(())
 }
 
@@ -768,6 +756,18 @@ fn warm_up(client: &mut Client, time: Duration) -> Res<()> {
         if reply.message_type() != Some(MessageType::Pong) || reply.id() != id {
             return Err(format!("unexpected reply {:?} to a warm-up ping", reply.header).into());
         }
+    }
+    Ok(())
+}
+
+/// Waits until the server reports `count` connections (closed clients noticed), at most `T`.
+fn wait_for_connections(client: &mut Client, count: u32) -> Res<()> {
+    let deadline = Instant::now() + T;
+    while status_connections(client)? != count {
+        if Instant::now() >= deadline {
+            return Err("the server did not notice the closed clients".into());
+        }
+        std::thread::sleep(Duration::from_millis(1));
     }
     Ok(())
 }
