@@ -5,11 +5,10 @@
 mod support;
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::Arc;
 
 use lapce_ai_transport::segment::{Announcement, SlotSegment};
-use lapce_ai_transport::{Client, ClientOptions, Server, ServerOptions};
-use support::{announce_by_hand, ping, NoApp, Peer, Survivor, TestEndpoint};
+use lapce_ai_transport::{Client, ClientOptions};
+use support::{announce_by_hand, ping, serve_no_app, Peer, Survivor, TestEndpoint};
 
 /// The uid of `nobody`.
 const NOBODY: u32 = 65534;
@@ -28,7 +27,7 @@ fn a_segment_another_user_created_is_never_served() {
         return;
     }
     let ep = TestEndpoint::new("foreignuid");
-    let server = Server::bind(&ep.endpoint, ServerOptions::default(), Arc::new(NoApp)).unwrap();
+    let server = serve_no_app(&ep);
     let survivor = Survivor::start(&ep);
     let (mut foreign, announcement) = Peer::foreign_segment(&ep, NOBODY);
 
@@ -70,7 +69,7 @@ fn a_segment_another_user_created_is_never_served() {
 #[test]
 fn a_client_cannot_resize_its_segment_and_an_unsealed_one_is_refused() {
     let ep = TestEndpoint::new("truncate");
-    let server = Server::bind(&ep.endpoint, ServerOptions::default(), Arc::new(NoApp)).unwrap();
+    let server = serve_no_app(&ep);
     let survivor = Survivor::start(&ep);
     let mut truncater = Client::connect(&ep.endpoint, ClientOptions::default()).unwrap();
     ping(&mut truncater, 1);

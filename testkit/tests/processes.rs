@@ -165,12 +165,7 @@ async fn every_death_is_noticed_when_many_clients_are_killed_at_once() {
 #[test]
 fn clients_killed_while_connecting_leave_nothing_behind() {
     let ep = TestEndpoint::new("killconnect");
-    let server = Server::bind(
-        &ep.endpoint,
-        ServerOptions::default(),
-        Arc::new(support::NoApp),
-    )
-    .unwrap();
+    let server = support::serve_no_app(&ep);
     let survivor = support::Survivor::start(&ep);
     // A fixed sequence of kill delays from 0 to 3 ms (a connect takes tens of microseconds), so the kills fall
     // at every stage of a handshake across the victims.
@@ -208,12 +203,7 @@ fn clients_killed_while_connecting_leave_nothing_behind() {
 fn a_death_whose_close_event_precedes_the_lock_release_is_noticed() {
     use std::os::fd::AsRawFd;
     let ep = TestEndpoint::new("closefirst");
-    let server = Server::bind(
-        &ep.endpoint,
-        ServerOptions::default(),
-        Arc::new(support::NoApp),
-    )
-    .unwrap();
+    let server = support::serve_no_app(&ep);
     let survivor = support::Survivor::start(&ep);
     let generation = 0xc105_e0f1_u64;
     let segment = support::segment_with_hello(generation);

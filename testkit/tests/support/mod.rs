@@ -50,6 +50,11 @@ impl ServerHandler for NoApp {
     fn on_message(&self, _c: &Arc<ServerConnection>, _m: &ReceivedMessage<'_>) {}
 }
 
+/// An engine endpoint served in this process by [`NoApp`], with default options.
+pub fn serve_no_app(ep: &TestEndpoint) -> lapce_ai_transport::Server {
+    lapce_ai_transport::Server::bind(&ep.endpoint, Default::default(), Arc::new(NoApp)).unwrap()
+}
+
 /// Waits until `f` holds, up to `secs` seconds (polling; test-only).
 pub fn wait_until(secs: f64, mut f: impl FnMut() -> bool) -> bool {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs_f64(secs);
