@@ -9,7 +9,7 @@ use ai_engine::config::ProfileConfig;
 use ai_engine::daemon::{DaemonHandler, Handler};
 use ai_engine::engine::{Engine, ProviderFactory};
 use ai_engine::provider::{GenerationEvent, GenerationRequest, Provider, ProviderError};
-use ai_engine::testing::{instant_engine_parts, InstantProvider};
+use ai_engine::testing::{instant_engine_parts, FnProvider, GenerationStream, InstantProvider};
 use futures::stream::BoxStream;
 use lapce_ai_transport::protocol::{CompletionRequest, ErrorCode, FinishReason};
 use lapce_ai_transport::{
@@ -141,31 +141,6 @@ async fn a_missing_model_is_an_actionable_error() {
         .unwrap();
 }
 
-/// Holds every request whose prompt mentions `hold` open forever; answers the rest at once.
-struct HoldsSome;
-
-impl Provider for HoldsSome {
-    fn kind(&self) -> &str {
-        "holds-some"
-    }
-    fn model(&self) -> &str {
-        "holds-some"
-    }
-    fn supports_native_fim(&self) -> bool {
-        true
-    }
-    fn generate(
-        &self,
-        request: GenerationRequest,
-    ) -> BoxStream<'static, Result<GenerationEvent, ProviderError>> {
-        if format!("{:?}", request.prompt).contains("hold") {
-            Box::pin(futures::stream::pending())
-        } else {
-            InstantProvider { text: "ok".into() }.generate(request)
-        }
-    }
-}
-
 /// One connection cannot pile up unbounded work in the engine: past the per-connection limit a request is
 /// refused with `Busy` (and a message that says what to do), while other connections carry on, and a place
 /// freed by a cancel can be used again.
@@ -175,8 +150,16 @@ async fn requests_in_flight_are_limited_per_connection() {
     let root = tempfile::tempdir().unwrap();
     let endpoint = endpoint(&root);
     let (config, _) = instant_engine_parts("");
+    // Holds every request whose prompt mentions `hold` open forever; answers the rest at once.
+    let holds_some = Arc::new(FnProvider(|request: GenerationRequest| {
+        if format!("{:?}", request.prompt).contains("hold") {
+            Box::pin(futures::stream::pending()) as GenerationStream
+        } else {
+            InstantProvider { text: "ok".into() }.generate(request)
+        }
+    }));
     let factory: ProviderFactory =
-        Arc::new(|_p: &ProfileConfig| Ok(Arc::new(HoldsSome) as Arc<dyn Provider>));
+        Arc::new(move |_p: &ProfileConfig| Ok(Arc::clone(&holds_some) as Arc<dyn Provider>));
     let engine = Engine::new(config, factory, "inprocess");
     let daemon = DaemonHandler::new(engine, tokio::runtime::Handle::current());
     let server = Server::bind(
