@@ -5,7 +5,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use ai_engine::config::ProfileConfig;
+use ai_engine::config::{EngineConfig, ProfileConfig};
 use ai_engine::daemon::{DaemonHandler, Handler};
 use ai_engine::engine::{Engine, ProviderFactory};
 use ai_engine::provider::{GenerationEvent, GenerationRequest, Provider, ProviderError};
@@ -61,6 +61,18 @@ async fn outcome(
     unreachable!("streams always end with a terminal event")
 }
 
+/// The daemon's handler over an engine with `factory`'s providers, served in this process.
+fn serve(endpoint: &Endpoint, config: EngineConfig, factory: ProviderFactory) -> Server {
+    let engine = Engine::new(config, factory, "inprocess");
+    let daemon = DaemonHandler::new(engine, tokio::runtime::Handle::current());
+    Server::bind(
+        endpoint,
+        ServerOptions::default(),
+        Arc::new(Handler(daemon)),
+    )
+    .unwrap()
+}
+
 fn endpoint(root: &tempfile::TempDir) -> Endpoint {
     std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
     Endpoint::in_root("inprocess", root.path()).unwrap()
@@ -76,14 +88,7 @@ async fn a_panicking_provider_fails_one_request_not_the_daemon() {
     });
     let factory: ProviderFactory =
         Arc::new(move |_p: &ProfileConfig| Ok(Arc::clone(&flaky) as Arc<dyn Provider>));
-    let engine = Engine::new(config, factory, "inprocess");
-    let daemon = DaemonHandler::new(engine, tokio::runtime::Handle::current());
-    let server = Server::bind(
-        &endpoint,
-        ServerOptions::default(),
-        Arc::new(Handler(daemon)),
-    )
-    .unwrap();
+    let server = serve(&endpoint, config, factory);
     let client = AsyncClient::connect(&endpoint, ClientOptions::default())
         .await
         .unwrap();
@@ -116,14 +121,7 @@ async fn a_missing_model_is_an_actionable_error() {
             "no model file; run `ai-engine models pull`".into(),
         ))
     });
-    let engine = Engine::new(config, factory, "inprocess");
-    let daemon = DaemonHandler::new(engine, tokio::runtime::Handle::current());
-    let server = Server::bind(
-        &endpoint,
-        ServerOptions::default(),
-        Arc::new(Handler(daemon)),
-    )
-    .unwrap();
+    let server = serve(&endpoint, config, factory);
     let client = AsyncClient::connect(&endpoint, ClientOptions::default())
         .await
         .unwrap();
@@ -160,14 +158,7 @@ async fn requests_in_flight_are_limited_per_connection() {
     }));
     let factory: ProviderFactory =
         Arc::new(move |_p: &ProfileConfig| Ok(Arc::clone(&holds_some) as Arc<dyn Provider>));
-    let engine = Engine::new(config, factory, "inprocess");
-    let daemon = DaemonHandler::new(engine, tokio::runtime::Handle::current());
-    let server = Server::bind(
-        &endpoint,
-        ServerOptions::default(),
-        Arc::new(Handler(daemon)),
-    )
-    .unwrap();
+    let server = serve(&endpoint, config, factory);
     let greedy = AsyncClient::connect(&endpoint, ClientOptions::default())
         .await
         .unwrap();
