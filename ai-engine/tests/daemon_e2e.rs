@@ -345,7 +345,7 @@ sys.stdin.read()
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
     assert!(
-        stderr.contains("another lapce-ai release") && stderr.contains(&old.id().to_string()),
+        stderr.contains("older lapce-ai release") && stderr.contains(&old.id().to_string()),
         "{stderr}"
     );
 

@@ -19,13 +19,7 @@ pub enum TransportError {
     },
     #[error("an engine is already running on endpoint {endpoint:?} (pid {pid})")]
     AlreadyRunning { endpoint: String, pid: String },
-    #[error(
-        "the engine running on endpoint {endpoint:?} (pid {pid}) is from another lapce-ai release (rendezvous \
-         version {}; this client speaks {}): stop it (`ai-engine stop` replaces it) and the next request starts \
-         the current one",
-        version.map_or_else(|| "older than 3".to_owned(), |v| v.to_string()),
-        crate::segment::RENDEZVOUS_VERSION
-    )]
+    #[error("{}", incompatible_engine_text(endpoint, *pid, *version))]
     IncompatibleEngine {
         endpoint: String,
         pid: u32,
@@ -55,6 +49,24 @@ pub enum TransportError {
     Payload(String),
     #[error("the connection is closed: {0}")]
     Closed(String),
+}
+
+/// The message of [`TransportError::IncompatibleEngine`]: what runs, and what to do about it.
+fn incompatible_engine_text(endpoint: &str, pid: u32, version: Option<u32>) -> String {
+    let ours = crate::segment::RENDEZVOUS_VERSION;
+    match version {
+        Some(v) if v > ours => format!(
+            "the engine running on endpoint {endpoint:?} (pid {pid}) is from a newer lapce-ai release \
+             (rendezvous version {v}; this client speaks {ours}): update this plugin or command, or stop that \
+             engine with its own `ai-engine stop`"
+        ),
+        _ => format!(
+            "the engine running on endpoint {endpoint:?} (pid {pid}) is from an older lapce-ai release \
+             (rendezvous version {}; this client speaks {ours}): `ai-engine stop` replaces it, and so does the \
+             next request that may start an engine",
+            version.map_or_else(|| "before 3".to_owned(), |v| v.to_string()),
+        ),
+    }
 }
 
 impl TransportError {

@@ -199,10 +199,13 @@ impl ReconnectingClient {
                         .await
                         .map_err(|e| TransportError::Closed(e.to_string()))??;
                 }
-                Err(TransportError::IncompatibleEngine { pid, .. })
-                    if self.starter.is_some() && !replaced =>
+                Err(TransportError::IncompatibleEngine { pid, version, .. })
+                    if self.starter.is_some()
+                        && !replaced
+                        && version.is_none_or(|v| v < crate::segment::RENDEZVOUS_VERSION) =>
                 {
-                    // This client may start engines: replace the stale one (an upgrade left it running).
+                    // This client may start engines: replace an older one (an upgrade left it running). A newer
+                    // one stays: two releases replacing each other's engines would never settle.
                     replaced = true;
                     let endpoint = self.endpoint.clone();
                     tokio::task::spawn_blocking(move || stop_incompatible_engine(&endpoint, pid))

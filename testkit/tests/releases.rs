@@ -1,5 +1,6 @@
 //! An engine of another lapce-ai release on the endpoint (an upgrade left the old daemon running): a client says
-//! so at once instead of timing out, and a client that may start engines replaces it.
+//! so at once instead of timing out, and a client that may start engines replaces an older one (never a newer
+//! one: two releases would otherwise replace each other's engines forever).
 
 mod support;
 
@@ -40,8 +41,13 @@ fn a_client_meeting_an_engine_of_another_release_says_so_at_once() {
             other => panic!("expected IncompatibleEngine, got {other}"),
         }
         let text = err.to_string();
+        let which = if version > Some(RENDEZVOUS_VERSION) {
+            "newer lapce-ai release"
+        } else {
+            "older lapce-ai release"
+        };
         assert!(
-            text.contains("another lapce-ai release") && text.contains("ai-engine stop"),
+            text.contains(which) && text.contains("ai-engine stop"),
             "{text}"
         );
         assert!(
@@ -123,5 +129,38 @@ async fn a_client_that_starts_engines_replaces_one_of_another_release() {
     tokio::task::spawn_blocking(move || assert!(server.stop_gracefully().success()))
         .await
         .unwrap();
+    ep.assert_clean();
+}
+
+/// An older client that may start engines leaves a newer engine alone and says what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_starts_engines_leaves_a_newer_one_running() {
+    let ep = TestEndpoint::new("newer");
+    let mut newer = Peer::old_engine(&ep, Some(RENDEZVOUS_VERSION + 1));
+    let starter: EngineStarter =
+        Arc::new(|_: &Endpoint| panic!("no engine may be started while a newer one runs"));
+    let client = ReconnectingClient::new(
+        ep.endpoint.clone(),
+        ClientOptions::default(),
+        Some(starter),
+        Duration::from_secs(2),
+    );
+    let err = client
+        .client()
+        .await
+        .err()
+        .expect("a newer engine cannot serve this client");
+    assert!(
+        matches!(err, TransportError::IncompatibleEngine { version: Some(v), .. } if v == RENDEZVOUS_VERSION + 1),
+        "{err}"
+    );
+    assert!(err.to_string().contains("update this plugin"), "{err}");
+    assert!(
+        newer.child.try_wait().unwrap().is_none(),
+        "the newer engine must keep running"
+    );
+    drop(client);
+    newer.kill9();
+    let _ = std::fs::remove_file(ep.endpoint.engine_lock_path());
     ep.assert_clean();
 }
