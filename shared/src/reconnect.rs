@@ -65,22 +65,23 @@ pub fn stop_incompatible_engine(endpoint: &Endpoint, pid: u32) -> Result<(), Tra
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(TransportError::io(format!("opening {}", path.display()), e)),
     };
-    let holder = crate::lockfile::exclusive_holder(&file)
-        .map_err(|e| TransportError::io("reading /proc/locks", e))?;
-    if holder != Some(pid) {
-        // It stopped already, or another engine took its place: nothing of ours to stop.
-        return Ok(());
-    }
-    tracing::warn!(
-        endpoint = endpoint.name(),
-        pid,
-        "stopping an engine of another lapce-ai release"
-    );
     for (signal, wait) in [
         (libc::SIGTERM, STOP_GRACE),
         (libc::SIGKILL, Duration::from_secs(2)),
     ] {
-        // SAFETY: plain kill(2) on a pid confirmed above to hold this user's engine lock.
+        // Before each signal: `pid` must still hold the lock (else it stopped, and its pid may be reused).
+        let holder = crate::lockfile::exclusive_holder(&file)
+            .map_err(|e| TransportError::io("reading /proc/locks", e))?;
+        if holder != Some(pid) {
+            return Ok(());
+        }
+        tracing::warn!(
+            endpoint = endpoint.name(),
+            pid,
+            signal,
+            "stopping an engine of another lapce-ai release"
+        );
+        // SAFETY: plain kill(2) on a pid that holds this user's engine lock right now.
         if unsafe { libc::kill(pid as libc::pid_t, signal) } != 0 {
             let err = std::io::Error::last_os_error();
             if err.raw_os_error() != Some(libc::ESRCH) {

@@ -164,3 +164,28 @@ async fn a_client_that_starts_engines_leaves_a_newer_one_running() {
     let _ = std::fs::remove_file(ep.endpoint.engine_lock_path());
     ep.assert_clean();
 }
+
+/// An old engine that ignores SIGTERM is killed once the grace period has passed; the lock is then free.
+#[test]
+fn an_old_engine_that_ignores_sigterm_is_killed_after_the_grace_period() {
+    use lapce_ai_transport::reconnect::stop_incompatible_engine;
+    let ep = TestEndpoint::new("stuckold");
+    let mut old = Peer::old_engine_with(&ep, None, &["--ignore-sigterm"]);
+    let pid = old.pid() as u32;
+    let asked = Instant::now();
+    stop_incompatible_engine(&ep.endpoint, pid).unwrap();
+    let exit = old.child.wait().unwrap();
+    assert_eq!(exit.signal(), Some(libc::SIGKILL), "{exit:?}");
+    assert!(
+        asked.elapsed() >= Duration::from_secs(5),
+        "SIGKILL came before the grace period: {:?}",
+        asked.elapsed()
+    );
+    assert!(
+        !lapce_ai_transport::lockfile::path_is_locked(&ep.endpoint.engine_lock_path()).unwrap()
+    );
+    // A pid that does not hold the lock is never signalled.
+    stop_incompatible_engine(&ep.endpoint, std::process::id()).unwrap();
+    let _ = std::fs::remove_file(ep.endpoint.engine_lock_path());
+    ep.assert_clean();
+}

@@ -47,6 +47,9 @@ enum Role {
     OldEngine {
         #[arg(long)]
         version: Option<u32>,
+        /// Ignore SIGTERM (a stuck engine that only SIGKILL ends).
+        #[arg(long)]
+        ignore_sigterm: bool,
     },
 }
 
@@ -117,9 +120,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
         }
         Role::ForeignSegment { uid } => foreign_segment(uid)?,
-        Role::OldEngine { version } => {
+        Role::OldEngine {
+            version,
+            ignore_sigterm,
+        } => {
             use lapce_ai_transport::lockfile::{HeldLock, TryLock};
             use std::os::unix::fs::FileExt;
+            if ignore_sigterm {
+                // SAFETY: installing SIG_IGN has no handler code to be unsafe in.
+                unsafe { libc::signal(libc::SIGTERM, libc::SIG_IGN) };
+            }
             endpoint.ensure_dirs()?;
             let TryLock::Acquired(lock) = HeldLock::try_acquire(&endpoint.engine_lock_path())?
             else {

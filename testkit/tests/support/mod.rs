@@ -147,11 +147,17 @@ impl Peer {
     /// Starts a process that holds the endpoint's engine.lock as an engine of another release would
     /// (`version`: its rendezvous version, `None` for releases before the field); returns once it holds it.
     pub fn old_engine(ep: &TestEndpoint, version: Option<u32>) -> Self {
+        Self::old_engine_with(ep, version, &[])
+    }
+
+    /// [`Peer::old_engine`] with more of its flags (`--ignore-sigterm`).
+    pub fn old_engine_with(ep: &TestEndpoint, version: Option<u32>, flags: &[&str]) -> Self {
         let version = version.map(|v| v.to_string());
         let mut args = vec!["old-engine"];
         if let Some(v) = &version {
             args.extend(["--version", v]);
         }
+        args.extend(flags);
         let mut peer = Self::spawn_with(ep, &args);
         assert_eq!(peer.read_line().trim(), "ready");
         peer
