@@ -222,19 +222,16 @@ impl crate::provider::Provider for InstantProvider {
     }
 }
 
-/// The result of [`Provider::generate`](crate::provider::Provider::generate).
-pub type GenerationStream = futures::stream::BoxStream<
-    'static,
-    Result<crate::provider::GenerationEvent, crate::provider::ProviderError>,
->;
-
 /// A provider that is one function of the request: for tests that need a provider with one behaviour
 /// (stall on some prompts, fail on others).
 pub struct FnProvider<F>(pub F);
 
 impl<F> crate::provider::Provider for FnProvider<F>
 where
-    F: Fn(crate::provider::GenerationRequest) -> GenerationStream + Send + Sync + 'static,
+    F: Fn(crate::provider::GenerationRequest) -> crate::provider::http::EventStream
+        + Send
+        + Sync
+        + 'static,
 {
     fn kind(&self) -> &str {
         "function"
@@ -245,7 +242,10 @@ where
     fn supports_native_fim(&self) -> bool {
         true
     }
-    fn generate(&self, request: crate::provider::GenerationRequest) -> GenerationStream {
+    fn generate(
+        &self,
+        request: crate::provider::GenerationRequest,
+    ) -> crate::provider::http::EventStream {
         (self.0)(request)
     }
 }

@@ -8,8 +8,9 @@ use std::sync::Arc;
 use ai_engine::config::{EngineConfig, ProfileConfig};
 use ai_engine::daemon::{DaemonHandler, Handler};
 use ai_engine::engine::{Engine, ProviderFactory};
+use ai_engine::provider::http::EventStream;
 use ai_engine::provider::{GenerationEvent, GenerationRequest, Provider, ProviderError};
-use ai_engine::testing::{instant_engine_parts, FnProvider, GenerationStream, InstantProvider};
+use ai_engine::testing::{instant_engine_parts, FnProvider, InstantProvider};
 use futures::stream::BoxStream;
 use lapce_ai_transport::protocol::{CompletionRequest, ErrorCode, FinishReason};
 use lapce_ai_transport::{
@@ -151,7 +152,7 @@ async fn requests_in_flight_are_limited_per_connection() {
     // Holds every request whose prompt mentions `hold` open forever; answers the rest at once.
     let holds_some = Arc::new(FnProvider(|request: GenerationRequest| {
         if format!("{:?}", request.prompt).contains("hold") {
-            Box::pin(futures::stream::pending()) as GenerationStream
+            Box::pin(futures::stream::pending()) as EventStream
         } else {
             InstantProvider { text: "ok".into() }.generate(request)
         }
