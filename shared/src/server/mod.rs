@@ -130,10 +130,7 @@ impl Shared {
         endpoint: &Endpoint,
         handler: Arc<dyn ServerHandler>,
     ) -> Result<(Self, HeldLock), TransportError> {
-        endpoint.ensure_dirs()?;
-        let engine_lock = acquire_engine_lock(endpoint)?;
-        let page = EnginePage::create(engine_lock.file())
-            .map_err(|e| TransportError::io("mapping engine.lock", e))?;
+        let (engine_lock, page) = take_endpoint(endpoint)?;
         let shared = Self::new(endpoint, ServerOptions::default(), page, handler);
         Ok((shared, engine_lock))
     }
@@ -155,14 +152,7 @@ impl Server {
         options: ServerOptions,
         handler: Arc<dyn ServerHandler>,
     ) -> Result<Self, TransportError> {
-        endpoint.ensure_dirs()?;
-        let engine_lock = acquire_engine_lock(endpoint)?;
-        let page = EnginePage::create(engine_lock.file())
-            .map_err(|e| TransportError::io("mapping engine.lock", e))?;
-        // At once, so a client never reads a dead engine's identity line (perhaps of another release) while
-        // this engine holds the lock. Clients still wait for the incarnation below.
-        segment::write_engine_pid(engine_lock.file())
-            .map_err(|e| TransportError::io("writing engine.lock", e))?;
+        let (engine_lock, page) = take_endpoint(endpoint)?;
         sweep_stale(endpoint);
         let inotify = acceptor::watch_slots(endpoint)?;
         // SAFETY: eventfd returns a new fd or -1.
@@ -254,6 +244,19 @@ impl Drop for Server {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Becomes the endpoint's engine: its directories, engine.lock taken and its page mapped and reset, with this
+/// engine's identity line written at once, so a client never reads a dead engine's line (perhaps of another
+/// release) while this engine holds the lock. Clients still wait for the incarnation, published when ready.
+fn take_endpoint(endpoint: &Endpoint) -> Result<(HeldLock, EnginePage), TransportError> {
+    endpoint.ensure_dirs()?;
+    let engine_lock = acquire_engine_lock(endpoint)?;
+    let page = EnginePage::create(engine_lock.file())
+        .map_err(|e| TransportError::io("mapping engine.lock", e))?;
+    segment::write_engine_pid(engine_lock.file())
+        .map_err(|e| TransportError::io("writing engine.lock", e))?;
+    Ok((engine_lock, page))
 }
 
 /// Takes engine.lock. A client probing liveness holds a shared lock for a few microseconds, so a busy lock is
