@@ -593,10 +593,26 @@ impl EngineIdentity {
 /// Writes the identity line (`<pid> rendezvous=<version>`) at the start of engine.lock with a normal write
 /// (which also announces readiness to inotify watchers of the rendezvous directory).
 pub fn write_engine_pid(file: &File) -> io::Result<()> {
+    write_identity_line(
+        file,
+        &format!("{} rendezvous={RENDEZVOUS_VERSION}", std::process::id()),
+    )
+}
+
+/// Writes `line` (at most 30 bytes, no newline) as engine.lock's identity line: the line, a newline, blanks and a
+/// final newline, as every release has laid it out. [`write_engine_pid`] writes this release's; tests write
+/// other releases'.
+pub fn write_identity_line(file: &File, line: &str) -> io::Result<()> {
     use std::os::unix::fs::FileExt;
+    if line.len() > ENGINE_PID_BYTES - 2 || line.contains('\n') {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("identity line {line:?} does not fit"),
+        ));
+    }
     let mut text = [b' '; ENGINE_PID_BYTES];
-    let line = format!("{} rendezvous={RENDEZVOUS_VERSION}\n", std::process::id());
     text[..line.len()].copy_from_slice(line.as_bytes());
+    text[line.len()] = b'\n';
     text[ENGINE_PID_BYTES - 1] = b'\n';
     file.write_all_at(&text, 0)
 }

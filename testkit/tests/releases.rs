@@ -65,7 +65,6 @@ fn a_client_meeting_an_engine_of_another_release_says_so_at_once() {
 #[test]
 fn a_stale_identity_line_is_not_taken_for_a_running_engine() {
     use lapce_ai_transport::lockfile::{HeldLock, TryLock};
-    use std::os::unix::fs::FileExt;
     let ep = TestEndpoint::new("staleline");
     ep.endpoint.ensure_dirs().unwrap();
     let TryLock::Acquired(lock) = HeldLock::try_acquire(&ep.endpoint.engine_lock_path()).unwrap()
@@ -74,9 +73,7 @@ fn a_stale_identity_line_is_not_taken_for_a_running_engine() {
     };
     lock.file().set_len(4096).unwrap();
     // Pid 1 never holds this lock: the line is a leftover.
-    lock.file()
-        .write_all_at(b"1 rendezvous=2\n                \n", 0)
-        .unwrap();
+    lapce_ai_transport::segment::write_identity_line(lock.file(), "1 rendezvous=2").unwrap();
     let err = Client::connect(&ep.endpoint, ClientOptions::default())
         .err()
         .expect("nobody serves yet");

@@ -125,7 +125,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ignore_sigterm,
         } => {
             use lapce_ai_transport::lockfile::{HeldLock, TryLock};
-            use std::os::unix::fs::FileExt;
             if ignore_sigterm {
                 // SAFETY: installing SIG_IGN has no handler code to be unsafe in.
                 unsafe { libc::signal(libc::SIGTERM, libc::SIG_IGN) };
@@ -140,11 +139,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 Some(v) => format!("{} rendezvous={v}", std::process::id()),
                 None => std::process::id().to_string(),
             };
-            let mut text = [b' '; 32];
-            text[..line.len()].copy_from_slice(line.as_bytes());
-            text[line.len()] = b'\n';
-            text[31] = b'\n';
-            lock.file().write_all_at(&text, 0)?;
+            lapce_ai_transport::segment::write_identity_line(lock.file(), &line)?;
             println!("ready");
             std::io::stdout().flush()?;
             // Until killed (a SIGTERM ends the process and the kernel frees the lock), or stdin closes.
