@@ -392,35 +392,18 @@ async fn client_command(
 }
 
 async fn stop(endpoint: &Endpoint) -> ExitCode {
-    let client = match lapce_ai_transport::AsyncClient::connect(endpoint, ClientOptions::default())
-        .await
-    {
-        Ok(c) => c,
-        Err(TransportError::NoServer(_)) => {
-            println!("no engine is running on endpoint {:?}", endpoint.name());
-            return ExitCode::SUCCESS;
-        }
-        Err(TransportError::IncompatibleEngine { pid, .. }) => {
-            // It cannot read a Shutdown message: it gets a signal instead.
-            let stopping = endpoint.clone();
-            let stopped = tokio::task::spawn_blocking(move || {
-                lapce_ai_transport::reconnect::stop_incompatible_engine(&stopping, pid)
-            })
-            .await;
-            return match stopped {
-                Ok(Ok(())) => {
-                    println!(
-                            "stopped the engine of another lapce-ai release on endpoint {:?} (pid {pid})",
-                            endpoint.name()
-                        );
-                    ExitCode::SUCCESS
-                }
-                Ok(Err(e)) => fail(exit::FAILED, &e.to_string()),
-                Err(e) => fail(exit::FAILED, &e.to_string()),
-            };
-        }
-        Err(e) => return fail(exit::NO_ENGINE, &e.to_string()),
-    };
+    let client =
+        match lapce_ai_transport::AsyncClient::connect(endpoint, ClientOptions::default()).await {
+            Ok(c) => c,
+            Err(TransportError::NoServer(_)) => {
+                println!("no engine is running on endpoint {:?}", endpoint.name());
+                return ExitCode::SUCCESS;
+            }
+            Err(TransportError::IncompatibleEngine { pid, .. }) => {
+                return stop_other_release(endpoint, pid).await
+            }
+            Err(e) => return fail(exit::NO_ENGINE, &e.to_string()),
+        };
     if let Err(e) = client.notify(&Shutdown {}).await {
         return fail(exit::FAILED, &e.to_string());
     }
@@ -437,6 +420,27 @@ async fn stop(endpoint: &Endpoint) -> ExitCode {
     }
     println!("ai-engine on endpoint {:?} stopped", endpoint.name());
     ExitCode::SUCCESS
+}
+
+/// `stop` for an engine of another release: it cannot read a Shutdown message, so it gets a signal.
+async fn stop_other_release(endpoint: &Endpoint, pid: u32) -> ExitCode {
+    let stopping = endpoint.clone();
+    let stopped = tokio::task::spawn_blocking(move || {
+        lapce_ai_transport::reconnect::stop_incompatible_engine(&stopping, pid)
+    })
+    .await
+    .map_err(|e| e.to_string())
+    .and_then(|result| result.map_err(|e| e.to_string()));
+    match stopped {
+        Ok(()) => {
+            println!(
+                "stopped the engine of another lapce-ai release on endpoint {:?} (pid {pid})",
+                endpoint.name()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(exit::FAILED, &e),
+    }
 }
 
 async fn stream_to_stdout(
