@@ -50,6 +50,14 @@ pub(crate) struct ReusePlan {
     pub kept: usize,
 }
 
+impl ReusePlan {
+    /// Removes the seam tokens this plan drops from `prompt` (at `drop_at`, not at `common`: once the cache
+    /// lacks them, the common prefix runs far past the seam), so the plan's positions apply to it.
+    pub(crate) fn drop_seam<T>(&self, prompt: &mut Vec<T>) {
+        prompt.drain(self.drop_at..self.drop_at + self.dropped);
+    }
+}
+
 /// Plans reuse of `cached` for `prompt`. Chunks shorter than `min_chunk` are not shifted (0 = no shifting).
 /// At least the last prompt token is always left to decode, since its logits are needed. Where the two part
 /// right after the prompt's start, up to [`MAX_SEAM_DROP`] prompt tokens may be dropped when that lets a moved
@@ -237,12 +245,24 @@ mod tests {
             }]
         );
         assert_eq!(plan.kept, 180);
+        let mut dropped = prompt.clone();
+        plan.drop_seam(&mut dropped);
+        assert_eq!(dropped[..plan.common], cached[..plan.common]);
+        assert!(plan
+            .shifts
+            .iter()
+            .all(|s| cached[s.from..s.from + s.len] == dropped[s.to..s.to + s.len]));
         // The next keystroke: the cache already lacks the two seam tokens, the prompt has them again.
         let cached_now: Vec<i32> = [1, 2].into_iter().chain(122..303).collect();
         let typed: Vec<i32> = [1, 2, 7001, 7002].into_iter().chain(122..304).collect();
         let plan = plan_reuse(&cached_now, &typed, 16);
         assert_eq!((plan.drop_at, plan.dropped, plan.common), (2, 2, 183));
         assert!(plan.shifts.is_empty());
+        // With the seam dropped, the prompt is the cache plus the new token: nothing typed is lost.
+        let mut dropped = typed.clone();
+        plan.drop_seam(&mut dropped);
+        assert_eq!(dropped[..plan.common], cached_now[..plan.common]);
+        assert_eq!(dropped.last(), Some(&303));
         // An edit inside the text is never dropped: the model must see it.
         let mut edited: Vec<i32> = [1, 2].into_iter().chain(100..300).collect();
         edited[150] = 9999;

@@ -507,7 +507,7 @@ impl Engine<'_> {
         let seq = self.slots[slot].seq;
         let mut prompt = prompt;
         if plan.dropped > 0 {
-            prompt.tokens.drain(plan.common..plan.common + plan.dropped);
+            plan.drop_seam(&mut prompt.tokens);
             metrics.prompt_tokens = prompt.tokens.len() as u32;
         }
         let kept = match self.apply_plan(slot, &plan) {
