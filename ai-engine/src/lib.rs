@@ -7,5 +7,3 @@ pub mod daemon;
 pub mod engine;
 pub mod models;
 pub mod provider;
-#[cfg(feature = "testing")]
-pub mod testing;

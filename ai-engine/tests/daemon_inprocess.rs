@@ -10,8 +10,8 @@ use ai_engine::daemon::{DaemonHandler, Handler};
 use ai_engine::engine::{Engine, ProviderFactory};
 use ai_engine::provider::http::EventStream;
 use ai_engine::provider::{GenerationEvent, GenerationRequest, Provider, ProviderError};
-use ai_engine::testing::{instant_engine_parts, FnProvider, InstantProvider};
 use futures::stream::BoxStream;
+use lapce_ai_engine_testkit::{instant_engine_parts, FnProvider, InstantProvider};
 use lapce_ai_transport::protocol::{CompletionRequest, ErrorCode, FinishReason};
 use lapce_ai_transport::{
     AsyncClient, ClientOptions, Endpoint, Server, ServerOptions, StreamEvent, TransportError,

@@ -10,8 +10,8 @@ use ai_engine::config::{EngineConfig, ProfileConfig};
 use ai_engine::daemon::{DaemonHandler, Handler};
 use ai_engine::engine::{Engine, ProviderFactory};
 use ai_engine::provider::{GenerationEvent, GenerationRequest, Prompt, Provider, ProviderError};
-use ai_engine::testing::{instant_engine_parts, InstantProvider};
 use futures::stream::BoxStream;
+use lapce_ai_engine_testkit::{instant_engine_parts, InstantProvider};
 use lapce_ai_transport::protocol::{
     ByteEdit, CompletionRequest, DocumentClosed, DocumentContent, DocumentSync,
 };

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-pub use ai_engine::testing::{fake_config, FakeOpenAi, Script};
+pub use lapce_ai_engine_testkit::{fake_config, FakeOpenAi, Script};
 use lapce_ai_transport::Endpoint;
 
 /// A private rendezvous root + endpoint + config directory for one test.

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use ai_engine::daemon::{DaemonHandler, Handler};
 use ai_engine::engine::Engine;
-use ai_engine::testing::instant_engine_parts;
+use lapce_ai_engine_testkit::instant_engine_parts;
 use lapce_ai_transport::protocol::{CompletionMode, CompletionRequest};
 use lapce_ai_transport::{
     AsyncClient, ClientOptions, Endpoint, Server, ServerOptions, StreamEvent,

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ai_engine::testing::{fake_config, FakeOpenAi, Script};
+use lapce_ai_engine_testkit::{fake_config, FakeOpenAi, Script};
 use serde_json::json;
 use support::{is_error, items, Client};
 

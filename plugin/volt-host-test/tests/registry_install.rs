@@ -13,8 +13,8 @@ use std::{
     time::Duration,
 };
 
-use ai_engine::testing::{fake_config, FakeOpenAi, Script};
 use common::*;
+use lapce_ai_engine_testkit::{fake_config, FakeOpenAi, Script};
 use lapce_ai_volt_host_test::VoltHost;
 use serde_json::{json, Value};
 use wiremock::{

@@ -1,11 +1,15 @@
-//! Test doubles for engine users: a scripted OpenAI-compatible SSE server on 127.0.0.1, an instant provider.
+//! Test doubles for ai-engine users: a scripted OpenAI-compatible SSE server on 127.0.0.1, instant providers.
 //!
-//! Enabled by the `testing` feature; used by the engine's and the bridge's integration tests.
+//! Used by the engine's, the bridge's and the volt host's integration tests, and by `engine-bench` (src/bin).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use ai_engine::config::{EngineConfig, ProfileConfig, ProviderKind};
+use ai_engine::engine::ProviderFactory;
+use ai_engine::provider::http::EventStream;
+use ai_engine::provider::{GenerationEvent, GenerationRequest, Provider, StopReason, TokenUsage};
 use lapce_ai_transport::util::lock;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -194,7 +198,7 @@ pub struct InstantProvider {
     pub text: String,
 }
 
-impl crate::provider::Provider for InstantProvider {
+impl Provider for InstantProvider {
     fn kind(&self) -> &str {
         "instant"
     }
@@ -204,14 +208,7 @@ impl crate::provider::Provider for InstantProvider {
     fn supports_native_fim(&self) -> bool {
         true
     }
-    fn generate(
-        &self,
-        _request: crate::provider::GenerationRequest,
-    ) -> futures::stream::BoxStream<
-        'static,
-        Result<crate::provider::GenerationEvent, crate::provider::ProviderError>,
-    > {
-        use crate::provider::{GenerationEvent, StopReason, TokenUsage};
+    fn generate(&self, _request: GenerationRequest) -> EventStream {
         Box::pin(futures::stream::iter([
             Ok(GenerationEvent::Text(self.text.clone())),
             Ok(GenerationEvent::Finished {
@@ -226,12 +223,9 @@ impl crate::provider::Provider for InstantProvider {
 /// (stall on some prompts, fail on others).
 pub struct FnProvider<F>(pub F);
 
-impl<F> crate::provider::Provider for FnProvider<F>
+impl<F> Provider for FnProvider<F>
 where
-    F: Fn(crate::provider::GenerationRequest) -> crate::provider::http::EventStream
-        + Send
-        + Sync
-        + 'static,
+    F: Fn(GenerationRequest) -> EventStream + Send + Sync + 'static,
 {
     fn kind(&self) -> &str {
         "function"
@@ -242,27 +236,21 @@ where
     fn supports_native_fim(&self) -> bool {
         true
     }
-    fn generate(
-        &self,
-        request: crate::provider::GenerationRequest,
-    ) -> crate::provider::http::EventStream {
+    fn generate(&self, request: GenerationRequest) -> EventStream {
         (self.0)(request)
     }
 }
 
 /// A config and factory serving every request from an [`InstantProvider`] answering `text`.
-pub fn instant_engine_parts(
-    text: &str,
-) -> (crate::config::EngineConfig, crate::engine::ProviderFactory) {
-    use crate::config::{EngineConfig, ProfileConfig, ProviderKind};
+pub fn instant_engine_parts(text: &str) -> (EngineConfig, ProviderFactory) {
     let mut config = EngineConfig::default();
     let profile = ProfileConfig::new("instant", ProviderKind::OpenAiCompletions, "instant");
     config.profiles.insert("instant".into(), profile);
     config.completion_profile = "instant".into();
     config.chat_profile = "instant".into();
     let text = text.to_owned();
-    let factory: crate::engine::ProviderFactory = Arc::new(move |_profile: &ProfileConfig| {
-        Ok(Arc::new(InstantProvider { text: text.clone() }) as Arc<dyn crate::provider::Provider>)
+    let factory: ProviderFactory = Arc::new(move |_profile: &ProfileConfig| {
+        Ok(Arc::new(InstantProvider { text: text.clone() }) as Arc<dyn Provider>)
     });
     (config, factory)
 }

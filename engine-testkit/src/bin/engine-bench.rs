@@ -20,8 +20,8 @@ use ai_engine::daemon::{DaemonHandler, Handler};
 use ai_engine::engine::{Engine, ProviderFactory, TextSink};
 #[cfg(feature = "embedded")]
 use ai_engine::provider::Provider;
-use ai_engine::testing::instant_engine_parts;
 use clap::Parser;
+use lapce_ai_engine_testkit::instant_engine_parts;
 use lapce_ai_transport::protocol::{
     ByteEdit, CompletionMode, CompletionRequest, DocumentContent, DocumentSync,
 };
