@@ -6,42 +6,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use ai_engine::config::{EngineConfig, ProfileConfig};
-use ai_engine::daemon::{DaemonHandler, Handler};
 use ai_engine::engine::{Engine, ProviderFactory};
 use ai_engine::provider::http::EventStream;
-use ai_engine::provider::{GenerationEvent, GenerationRequest, Provider, ProviderError};
-use futures::stream::BoxStream;
-use lapce_ai_engine_testkit::{instant_engine_parts, FnProvider, InstantProvider};
+use ai_engine::provider::{GenerationRequest, Provider, ProviderError};
+use lapce_ai_engine_testkit::{instant_engine_parts, serve_engine, FnProvider, InstantProvider};
 use lapce_ai_transport::protocol::{CompletionRequest, ErrorCode, FinishReason};
 use lapce_ai_transport::{
-    AsyncClient, ClientOptions, Endpoint, Server, ServerOptions, StreamEvent, TransportError,
+    AsyncClient, ClientOptions, Endpoint, Server, StreamEvent, TransportError,
 };
-
-/// Panics on every other request.
-struct Flaky {
-    calls: AtomicUsize,
-}
-
-impl Provider for Flaky {
-    fn kind(&self) -> &str {
-        "flaky"
-    }
-    fn model(&self) -> &str {
-        "flaky"
-    }
-    fn supports_native_fim(&self) -> bool {
-        true
-    }
-    fn generate(
-        &self,
-        request: GenerationRequest,
-    ) -> BoxStream<'static, Result<GenerationEvent, ProviderError>> {
-        if self.calls.fetch_add(1, Ordering::SeqCst).is_multiple_of(2) {
-            panic!("provider bug triggered by {:?}", request.max_tokens);
-        }
-        InstantProvider { text: "ok".into() }.generate(request)
-    }
-}
 
 async fn outcome(
     client: &AsyncClient,
@@ -65,13 +37,7 @@ async fn outcome(
 /// The daemon's handler over an engine with `factory`'s providers, served in this process.
 fn serve(endpoint: &Endpoint, config: EngineConfig, factory: ProviderFactory) -> Server {
     let engine = Engine::new(config, factory, "inprocess");
-    let daemon = DaemonHandler::new(engine, tokio::runtime::Handle::current());
-    Server::bind(
-        endpoint,
-        ServerOptions::default(),
-        Arc::new(Handler(daemon)),
-    )
-    .unwrap()
+    serve_engine(endpoint, engine, tokio::runtime::Handle::current()).unwrap()
 }
 
 fn endpoint(root: &tempfile::TempDir) -> Endpoint {
@@ -84,9 +50,14 @@ async fn a_panicking_provider_fails_one_request_not_the_daemon() {
     let root = tempfile::tempdir().unwrap();
     let endpoint = endpoint(&root);
     let (config, _) = instant_engine_parts("");
-    let flaky = Arc::new(Flaky {
-        calls: AtomicUsize::new(0),
-    });
+    // Panics on every other request.
+    let calls = AtomicUsize::new(0);
+    let flaky = Arc::new(FnProvider(move |request: GenerationRequest| {
+        if calls.fetch_add(1, Ordering::SeqCst).is_multiple_of(2) {
+            panic!("provider bug triggered by {:?}", request.max_tokens);
+        }
+        InstantProvider { text: "ok".into() }.generate(request)
+    }));
     let factory: ProviderFactory =
         Arc::new(move |_p: &ProfileConfig| Ok(Arc::clone(&flaky) as Arc<dyn Provider>));
     let server = serve(&endpoint, config, factory);

@@ -7,41 +7,13 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use ai_engine::config::{EngineConfig, ProfileConfig};
-use ai_engine::daemon::{DaemonHandler, Handler};
 use ai_engine::engine::{Engine, ProviderFactory};
-use ai_engine::provider::{GenerationEvent, GenerationRequest, Prompt, Provider, ProviderError};
-use futures::stream::BoxStream;
-use lapce_ai_engine_testkit::{instant_engine_parts, InstantProvider};
+use ai_engine::provider::{GenerationRequest, Prompt, Provider};
+use lapce_ai_engine_testkit::{instant_engine_parts, serve_engine, FnProvider, InstantProvider};
 use lapce_ai_transport::protocol::{
     ByteEdit, CompletionRequest, DocumentClosed, DocumentContent, DocumentSync,
 };
-use lapce_ai_transport::{
-    AsyncClient, ClientOptions, Endpoint, Server, ServerOptions, StreamEvent,
-};
-
-/// Answers instantly and keeps every request it was given.
-struct Capture {
-    seen: Arc<Mutex<Vec<GenerationRequest>>>,
-}
-
-impl Provider for Capture {
-    fn kind(&self) -> &str {
-        "capture"
-    }
-    fn model(&self) -> &str {
-        "capture"
-    }
-    fn supports_native_fim(&self) -> bool {
-        true
-    }
-    fn generate(
-        &self,
-        request: GenerationRequest,
-    ) -> BoxStream<'static, Result<GenerationEvent, ProviderError>> {
-        self.seen.lock().unwrap().push(request.clone());
-        InstantProvider { text: "ok".into() }.generate(request)
-    }
-}
+use lapce_ai_transport::{AsyncClient, ClientOptions, Endpoint, Server, StreamEvent};
 
 struct Daemon {
     server: Option<Server>,
@@ -57,19 +29,15 @@ impl Daemon {
         let endpoint = Endpoint::in_root("related", root.path()).unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let captured = Arc::clone(&seen);
-        let factory: ProviderFactory = Arc::new(move |_p: &ProfileConfig| {
-            Ok(Arc::new(Capture {
-                seen: Arc::clone(&captured),
-            }) as Arc<dyn Provider>)
-        });
+        // Answers instantly and keeps every request it was given.
+        let capture = Arc::new(FnProvider(move |request: GenerationRequest| {
+            captured.lock().unwrap().push(request.clone());
+            InstantProvider { text: "ok".into() }.generate(request)
+        }));
+        let factory: ProviderFactory =
+            Arc::new(move |_p: &ProfileConfig| Ok(Arc::clone(&capture) as Arc<dyn Provider>));
         let engine = Engine::new(config, factory, "related");
-        let daemon = DaemonHandler::new(engine, tokio::runtime::Handle::current());
-        let server = Server::bind(
-            &endpoint,
-            ServerOptions::default(),
-            Arc::new(Handler(daemon)),
-        )
-        .unwrap();
+        let server = serve_engine(&endpoint, engine, tokio::runtime::Handle::current()).unwrap();
         Self {
             server: Some(server),
             endpoint,

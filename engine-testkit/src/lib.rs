@@ -7,10 +7,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ai_engine::config::{EngineConfig, ProfileConfig, ProviderKind};
-use ai_engine::engine::ProviderFactory;
+use ai_engine::daemon::{DaemonHandler, Handler};
+use ai_engine::engine::{Engine, ProviderFactory};
 use ai_engine::provider::http::EventStream;
 use ai_engine::provider::{GenerationEvent, GenerationRequest, Provider, StopReason, TokenUsage};
 use lapce_ai_transport::util::lock;
+use lapce_ai_transport::{Endpoint, Server, ServerOptions, TransportError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -253,4 +255,19 @@ pub fn instant_engine_parts(text: &str) -> (EngineConfig, ProviderFactory) {
         Ok(Arc::new(InstantProvider { text: text.clone() }) as Arc<dyn Provider>)
     });
     (config, factory)
+}
+
+/// Serves `engine` at `endpoint` in this process as `ai-engine serve` does: the transport's reactor thread hands
+/// requests to the daemon's tasks on `runtime`.
+pub fn serve_engine(
+    endpoint: &Endpoint,
+    engine: Arc<Engine>,
+    runtime: tokio::runtime::Handle,
+) -> Result<Server, TransportError> {
+    let daemon = DaemonHandler::new(engine, runtime);
+    Server::bind(
+        endpoint,
+        ServerOptions::default(),
+        Arc::new(Handler(daemon)),
+    )
 }

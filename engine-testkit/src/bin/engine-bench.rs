@@ -16,18 +16,15 @@ use std::time::{Duration, Instant};
 use ai_engine::config::EngineConfig;
 #[cfg(feature = "embedded")]
 use ai_engine::config::ProfileConfig;
-use ai_engine::daemon::{DaemonHandler, Handler};
 use ai_engine::engine::{Engine, ProviderFactory, TextSink};
 #[cfg(feature = "embedded")]
 use ai_engine::provider::Provider;
 use clap::Parser;
-use lapce_ai_engine_testkit::instant_engine_parts;
+use lapce_ai_engine_testkit::{instant_engine_parts, serve_engine};
 use lapce_ai_transport::protocol::{
     ByteEdit, CompletionMode, CompletionRequest, DocumentContent, DocumentSync,
 };
-use lapce_ai_transport::{
-    AsyncClient, ClientOptions, Endpoint, Server, ServerOptions, StreamEvent,
-};
+use lapce_ai_transport::{AsyncClient, ClientOptions, Endpoint, StreamEvent};
 use tokio_util::sync::CancellationToken;
 
 #[cfg(feature = "embedded")]
@@ -148,11 +145,10 @@ async fn overhead(iterations: usize) -> (Percentiles, Percentiles) {
     set_private(root.path());
     let endpoint = Endpoint::in_root("engine-bench", root.path()).expect("endpoint");
     let engine = Engine::new(instant_config(), instant_factory(), "bench");
-    let daemon = DaemonHandler::new(Arc::clone(&engine), tokio::runtime::Handle::current());
-    let server = Server::bind(
+    let server = serve_engine(
         &endpoint,
-        ServerOptions::default(),
-        Arc::new(Handler(daemon)),
+        Arc::clone(&engine),
+        tokio::runtime::Handle::current(),
     )
     .expect("bind");
     let client = AsyncClient::connect(&endpoint, ClientOptions::default())
@@ -206,13 +202,7 @@ async fn context_ttft(enabled: bool, iterations: usize) -> Percentiles {
     set_private(root.path());
     let endpoint = Endpoint::in_root("context-bench", root.path()).expect("endpoint");
     let engine = Engine::new(config, instant_factory(), "bench");
-    let daemon = DaemonHandler::new(engine, tokio::runtime::Handle::current());
-    let server = Server::bind(
-        &endpoint,
-        ServerOptions::default(),
-        Arc::new(Handler(daemon)),
-    )
-    .expect("bind");
+    let server = serve_engine(&endpoint, engine, tokio::runtime::Handle::current()).expect("bind");
     let client = AsyncClient::connect(&endpoint, ClientOptions::default())
         .await
         .expect("connect");

@@ -11,13 +11,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ai_engine::daemon::{DaemonHandler, Handler};
 use ai_engine::engine::Engine;
-use lapce_ai_engine_testkit::instant_engine_parts;
+use lapce_ai_engine_testkit::{instant_engine_parts, serve_engine};
 use lapce_ai_transport::protocol::{CompletionMode, CompletionRequest};
-use lapce_ai_transport::{
-    AsyncClient, ClientOptions, Endpoint, Server, ServerOptions, StreamEvent,
-};
+use lapce_ai_transport::{AsyncClient, ClientOptions, Endpoint, StreamEvent};
 use serde_json::json;
 use support::{items, Client};
 
@@ -91,13 +88,8 @@ fn main() {
     let endpoint = Endpoint::in_root("bridge-bench", root.path()).expect("endpoint");
     let (config, factory) = instant_engine_parts("total * 2;");
     let engine = Engine::new(config, factory, endpoint.name());
-    let daemon = DaemonHandler::new(Arc::clone(&engine), runtime.handle().clone());
-    let server = Server::bind(
-        &endpoint,
-        ServerOptions::default(),
-        Arc::new(Handler(daemon)),
-    )
-    .expect("bind");
+    let server =
+        serve_engine(&endpoint, Arc::clone(&engine), runtime.handle().clone()).expect("bind");
 
     let mut alone = runtime.block_on(engine_alone(&endpoint, iterations));
 
