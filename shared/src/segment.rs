@@ -588,6 +588,23 @@ impl EngineIdentity {
             Self::Other { pid, version }
         }
     }
+
+    /// Reads the identity line of engine.lock through `file`, without mapping it (for messages and tests;
+    /// liveness is the lock, not this line).
+    pub fn read(file: &File) -> io::Result<Self> {
+        use std::os::unix::fs::FileExt;
+        let mut text = [0u8; ENGINE_PID_BYTES];
+        let n = file.read_at(&mut text, 0)?;
+        Ok(Self::parse(&text[..n]))
+    }
+
+    /// The engine's pid, of whichever release; `None` while the line is blank.
+    pub fn pid(self) -> Option<u32> {
+        match self {
+            Self::Blank => None,
+            Self::Compatible { pid } | Self::Other { pid, .. } => Some(pid),
+        }
+    }
 }
 
 /// Writes the identity line (`<pid> rendezvous=<version>`) at the start of engine.lock with a normal write
@@ -615,20 +632,6 @@ pub fn write_identity_line(file: &File, line: &str) -> io::Result<()> {
     text[line.len()] = b'\n';
     text[ENGINE_PID_BYTES - 1] = b'\n';
     file.write_all_at(&text, 0)
-}
-
-/// Reads the pid line from engine.lock (for error messages only; liveness is the lock).
-pub fn read_engine_pid(file: &File) -> String {
-    use std::os::unix::fs::FileExt;
-    let mut text = [0u8; ENGINE_PID_BYTES];
-    match file.read_at(&mut text, 0) {
-        Ok(n) => String::from_utf8_lossy(&text[..n])
-            .split_whitespace()
-            .next()
-            .unwrap_or("unknown")
-            .to_owned(),
-        Err(_) => "unknown".to_owned(),
-    }
 }
 
 #[cfg(test)]

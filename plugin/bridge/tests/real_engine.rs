@@ -10,6 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use lapce_ai_engine_testkit::{fake_config, FakeOpenAi, Script};
+use lapce_ai_transport::segment::EngineIdentity;
 use serde_json::json;
 use support::{is_error, items, Client};
 
@@ -102,13 +103,9 @@ impl Sandbox {
         if !lapce_ai_transport::lockfile::path_is_locked(&self.engine_lock()).ok()? {
             return None;
         }
-        // engine.lock starts with the pid as text; the rest of its page is binary (doorbell, incarnation).
-        let bytes = std::fs::read(self.engine_lock()).ok()?;
-        String::from_utf8_lossy(&bytes[..bytes.len().min(32)])
-            .split_whitespace()
-            .next()?
-            .parse()
-            .ok()
+        let file = std::fs::File::open(self.engine_lock()).ok()?;
+        let pid = EngineIdentity::read(&file).ok()?.pid()?;
+        i32::try_from(pid).ok()
     }
 
     fn cli(&self, args: &[&str]) -> std::process::Output {

@@ -275,8 +275,10 @@ fn acquire_engine_lock(endpoint: &Endpoint) -> Result<HeldLock, TransportError> 
         }
     }
     let pid = std::fs::File::open(&path)
-        .map(|f| segment::read_engine_pid(&f))
-        .unwrap_or_else(|_| "unknown".into());
+        .and_then(|f| segment::EngineIdentity::read(&f))
+        .ok()
+        .and_then(segment::EngineIdentity::pid)
+        .map_or_else(|| "unknown".to_owned(), |pid| pid.to_string());
     Err(TransportError::AlreadyRunning {
         endpoint: endpoint.name().to_owned(),
         pid,
