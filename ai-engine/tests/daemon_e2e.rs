@@ -295,11 +295,7 @@ fn cli_complete_status_and_stop() {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let output = sandbox
-        .command()
-        .args(["--no-start", "status"])
-        .output()
-        .unwrap();
+    let output = sandbox.status(&[]);
     assert_eq!(output.status.code(), Some(3), "no engine after stop");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("no engine"), "{stderr}");
@@ -337,11 +333,7 @@ sys.stdin.read()
         .unwrap();
     assert_eq!(ready.trim(), "ready");
 
-    let output = sandbox
-        .command()
-        .args(["--no-start", "status"])
-        .output()
-        .unwrap();
+    let output = sandbox.status(&[]);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
     assert!(
@@ -365,11 +357,7 @@ sys.stdin.read()
         std::os::unix::process::ExitStatusExt::signal(&exit),
         Some(libc::SIGTERM)
     );
-    let output = sandbox
-        .command()
-        .args(["--no-start", "status"])
-        .output()
-        .unwrap();
+    let output = sandbox.status(&[]);
     assert_eq!(output.status.code(), Some(3), "no engine after stop");
     let _ = std::fs::remove_file(&lock);
     sandbox.assert_clean();

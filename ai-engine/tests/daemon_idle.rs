@@ -74,11 +74,7 @@ fn daemon_exits_after_the_idle_time_without_clients() {
         second < first,
         "status does not reset the countdown: {first} then {second}"
     );
-    let text = sandbox
-        .command()
-        .args(["--no-start", "status"])
-        .output()
-        .unwrap();
+    let text = sandbox.status(&[]);
     let text = String::from_utf8_lossy(&text.stdout).into_owned();
     assert!(text.contains("idle exit    in "), "{text}");
 

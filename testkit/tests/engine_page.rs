@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use lapce_ai_transport::{Client, ClientOptions, Server, ServerOptions};
-use support::{map_engine_page, ping, NoApp, TestEndpoint};
+use lapce_ai_transport::{Client, ClientOptions};
+use support::{map_engine_page, ping, TestEndpoint};
 
 /// A peer that keeps writing `armed = 0` (and, later, garbage sequence numbers and slot bits) into the shared
 /// engine page. The reactor must still wake for a well-behaved client: it sleeps between that client's pings,
@@ -16,7 +16,7 @@ use support::{map_engine_page, ping, NoApp, TestEndpoint};
 #[test]
 fn a_peer_that_rewrites_the_engine_page_keeps_no_one_waiting() {
     let ep = TestEndpoint::new("pagescribble");
-    let server = Server::bind(&ep.endpoint, ServerOptions::default(), Arc::new(NoApp)).unwrap();
+    let server = support::serve_no_app(&ep);
     let options = ClientOptions {
         liveness_interval: Duration::from_secs(1),
         ..ClientOptions::default()
@@ -76,7 +76,7 @@ fn a_peer_that_rewrites_the_engine_page_keeps_no_one_waiting() {
 #[test]
 fn connect_takes_the_hinted_slot_and_survives_a_lying_bitmap() {
     let ep = TestEndpoint::new("slothint");
-    let server = Server::bind(&ep.endpoint, ServerOptions::default(), Arc::new(NoApp)).unwrap();
+    let server = support::serve_no_app(&ep);
     let mut first = Client::connect(&ep.endpoint, ClientOptions::default()).unwrap();
     assert_eq!(first.slot(), 0);
     let (_file, page) = map_engine_page(&ep);
@@ -115,7 +115,7 @@ fn connect_takes_the_hinted_slot_and_survives_a_lying_bitmap() {
 #[test]
 fn connections_of_one_process_share_one_engine_mapping() {
     let ep = TestEndpoint::new("onemapping");
-    let server = Server::bind(&ep.endpoint, ServerOptions::default(), Arc::new(NoApp)).unwrap();
+    let server = support::serve_no_app(&ep);
     let clients: Vec<Client> = (0..5)
         .map(|_| Client::connect(&ep.endpoint, ClientOptions::default()).unwrap())
         .collect();
@@ -139,7 +139,7 @@ fn connections_of_one_process_share_one_engine_mapping() {
 #[test]
 fn a_peer_that_wipes_announcements_delays_a_connect_by_at_most_a_few_liveness_intervals() {
     let ep = TestEndpoint::new("announcewipe");
-    let server = Server::bind(&ep.endpoint, ServerOptions::default(), Arc::new(NoApp)).unwrap();
+    let server = support::serve_no_app(&ep);
     let stop = Arc::new(AtomicBool::new(false));
     let hostile = {
         let (file, page) = map_engine_page(&ep);

@@ -2,11 +2,10 @@
 
 mod support;
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use lapce_ai_transport::{AsyncClient, ClientOptions, Server, ServerOptions};
-use support::{NoApp, TestEndpoint};
+use lapce_ai_transport::{AsyncClient, ClientOptions};
+use support::TestEndpoint;
 
 /// Voluntary context switches of this process's client pump threads (each wake-up from a futex sleep is one).
 fn pump_wakeups() -> u64 {
@@ -29,7 +28,7 @@ fn pump_wakeups() -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_async_clients_do_not_poll_the_engine() {
     let ep = TestEndpoint::new("idleclients");
-    let server = Server::bind(&ep.endpoint, ServerOptions::default(), Arc::new(NoApp)).unwrap();
+    let server = support::serve_no_app(&ep);
     let mut clients = Vec::new();
     for _ in 0..4 {
         clients.push(

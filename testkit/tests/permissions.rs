@@ -27,7 +27,7 @@ fn group_or_world_accessible_dir_is_refused() {
     std::fs::set_permissions(ep.endpoint.dir(), std::fs::Permissions::from_mode(0o770)).unwrap();
     assert_refused(&ep, "chmod 700");
     std::fs::set_permissions(ep.endpoint.dir(), std::fs::Permissions::from_mode(0o700)).unwrap();
-    let server = Server::bind(&ep.endpoint, ServerOptions::default(), Arc::new(NoApp)).unwrap();
+    let server = support::serve_no_app(&ep);
     server.shutdown();
     ep.assert_clean();
 }

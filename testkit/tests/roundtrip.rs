@@ -2,19 +2,18 @@
 
 mod support;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use lapce_ai_transport::protocol::{MessageType, Ping, Pong};
-use lapce_ai_transport::{Client, ClientOptions, Server, ServerOptions};
-use support::{NoApp, TestEndpoint};
+use lapce_ai_transport::{Client, ClientOptions};
+use support::TestEndpoint;
 
 const T: Duration = Duration::from_secs(5);
 
 #[test]
 fn ping_pong_roundtrips_in_order_with_content_and_cleans_up() {
     let ep = TestEndpoint::new("rt");
-    let server = Server::bind(&ep.endpoint, ServerOptions::default(), Arc::new(NoApp)).unwrap();
+    let server = support::serve_no_app(&ep);
     let mut client = Client::connect(&ep.endpoint, ClientOptions::default()).unwrap();
     assert!(
         ep.leftover_shm().is_empty(),

@@ -51,13 +51,19 @@ impl Sandbox {
         command
     }
 
+    /// `ai-engine --no-start status ARGS`: what the status command says about this sandbox (never starts an
+    /// engine), whatever it exits with.
+    pub fn status(&self, args: &[&str]) -> std::process::Output {
+        self.command()
+            .args(["--no-start", "status"])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
     /// `ai-engine status --json` against this sandbox's running engine (never starts one).
     pub fn status_json(&self) -> serde_json::Value {
-        let output = self
-            .command()
-            .args(["--no-start", "status", "--json"])
-            .output()
-            .unwrap();
+        let output = self.status(&["--json"]);
         assert!(
             output.status.success(),
             "{}",
